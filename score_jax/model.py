@@ -245,7 +245,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens: Array, positions: Array,
                cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
     cfg = self.cfg
-    embedding = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
+    embedding = _param(self, "embedding", nn.initializers.normal(stddev=cfg.embed_dim**-0.5),
                        (cfg.vocab_size, cfg.embed_dim), (VOCAB, EMBED), cfg.dtype)
     x = jnp.take(embedding, tokens, axis=0)
     if cfg.scale_embeddings:
