@@ -1,0 +1,126 @@
+"""The pure train step: `(state, batch) -> (state, metrics)`.
+
+One forward over the whole multi-turn conversation gives the log-probs of every attempt's
+tokens; the frozen reference model runs the same forward without gradients; the objective
+(objectives.py) turns them and the host rewards into a loss; optax applies the update.
+The same function trains the SFT base model with a cross-entropy loss.
+
+Batch (numpy or jax arrays, leading dim B):
+  tokens   int32   [B, T]  conversation, as `SampleOutput.tokens` (pad after the end).
+  attempt  int32   [B, T]  0 context, k for attempt k (as `SampleOutput.attempt`).
+  rewards  float32 [B, K]  (policy losses only) host reward of each attempt.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from score_jax import model as model_lib
+from score_jax import objectives
+
+Array = jax.Array
+Batch = dict[str, Array]
+LossFn = Callable[[Any, Any, Batch], tuple[Array, dict[str, Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  ref_params: Any  # The frozen KL reference (the starting model); never updated.
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation,
+               ref_params: Any = None) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    ref_params=params if ref_params is None else ref_params)
+
+
+def _shifted_logits(model_cfg, params, tokens):
+  """Logits [B, T-1, V] predicting tokens[:, 1:] from the full causal forward."""
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  logits, _ = model_lib.forward(model_cfg, params, tokens, positions)
+  return logits[:, :-1]
+
+
+def policy_loss(params: Any, ref_params: Any, batch: Batch, *,
+                model_cfg: model_lib.ModelConfig, objective: objectives.ObjectiveConfig,
+                temperature: float) -> tuple[Array, dict[str, Array]]:
+  """SCoRe / RL loss of one batch. Log-probs at the sampling temperature, in float32."""
+  tokens, targets, attempt = batch["tokens"], batch["tokens"][:, 1:], batch["attempt"][:, 1:]
+  logits = _shifted_logits(model_cfg, params, tokens).astype(jnp.float32) / temperature
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  ref_logits = _shifted_logits(model_cfg, jax.lax.stop_gradient(ref_params), tokens)
+  ref_logp = jax.lax.stop_gradient(model_lib.token_logprobs(ref_logits, targets, temperature))
+  return objectives.loss_fn(objective, logp, ref_logp, attempt, batch["rewards"],
+                            jax.lax.stop_gradient(entropy))
+
+
+def sft_loss(params: Any, ref_params: Any, batch: Batch, *,
+             model_cfg: model_lib.ModelConfig) -> tuple[Array, dict[str, Array]]:
+  """Mean next-token cross-entropy over attempt tokens (the SFT base model and baselines)."""
+  del ref_params
+  targets = batch["tokens"][:, 1:]
+  mask = (batch["attempt"][:, 1:] > 0).astype(jnp.float32)
+  logits = _shifted_logits(model_cfg, params, batch["tokens"])
+  logp = model_lib.token_logprobs(logits, targets)
+  n = jnp.maximum(mask.sum(), 1.0)
+  loss = -jnp.sum(logp * mask) / n
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / n
+  return loss, {"loss": loss, "token_accuracy": accuracy}
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation,
+               num_micro_batches: int = 1) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer update. Pure; jit it with `loss_fn` and `optimizer` bound (partial).
+
+  With `num_micro_batches` > 1 the batch is split along B (keep whole sample groups in each
+  micro-batch: B / num_micro_batches a multiple of the samples per prompt) and the gradients
+  and metrics of the micro-batches are averaged.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro(params, mb):
+    (_, metrics), grads = grad_fn(params, state.ref_params, mb)
+    return grads, metrics
+
+  if num_micro_batches == 1:
+    grads, metrics = micro(state.params, batch)
+  else:
+    def split(x):
+      if x.shape[0] % num_micro_batches:
+        raise ValueError(f"batch of {x.shape[0]} does not split into {num_micro_batches} "
+                         "micro-batches")
+      return x.reshape((num_micro_batches, -1) + x.shape[1:])
+
+    def body(acc, mb):
+      grads, metrics = micro(state.params, mb)
+      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    micro_batches = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(micro, state.params, first))
+    total, _ = jax.lax.scan(body, zeros, micro_batches)
+    grads, metrics = jax.tree.map(lambda x: x / num_micro_batches, total)
+
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    num_micro_batches: int = 1):
+  """`train_step` with its static parts bound: a function (state, batch) -> (state, metrics)."""
+  return functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer,
+                           num_micro_batches=num_micro_batches)
