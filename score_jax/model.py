@@ -202,7 +202,7 @@ class Attention(nn.Module):
     return y, kv
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
@@ -231,7 +231,7 @@ class Block(nn.Module):
     if cfg.post_norms:
       h = norm("post_attn_norm")(h)
     x = x + h
-    h = MLP(cfg, name="mlp")(norm("pre_mlp_norm")(x))
+    h = FeedForward(cfg, name="mlp")(norm("pre_mlp_norm")(x))
     if cfg.post_norms:
       h = norm("post_mlp_norm")(h)
     x = nn.with_logical_constraint(x + h, (A_BATCH, A_LENGTH, A_EMBED))

@@ -159,6 +159,7 @@ class Sampler:
                eot_id: int, pad_id: int, jit_kwargs: dict | None = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
+    self.model_cfg = model_cfg
     self.max_prompt_len = max_prompt_len
     self.num_attempts = num_attempts
     self.max_new_tokens = max_new_tokens

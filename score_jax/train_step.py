@@ -1,7 +1,8 @@
 """The pure train step: `(state, batch) -> (state, metrics)`.
 
 One forward over the whole multi-turn conversation gives the log-probs of every attempt's
-tokens; the frozen reference model runs the same forward without gradients; the objective
+tokens; the frozen reference model runs the same forward without gradients (a separate pure
+function, `reference_logprobs`, that the trainer overlaps with the host rewards); the objective
 (objectives.py) turns them and the host rewards into a loss; optax applies the update.
 The same function trains the SFT base model with a cross-entropy loss.
 
@@ -9,6 +10,7 @@ Batch (numpy or jax arrays, leading dim B):
   tokens   int32   [B, T]  conversation, as `SampleOutput.tokens` (pad after the end).
   attempt  int32   [B, T]  0 context, k for attempt k (as `SampleOutput.attempt`).
   rewards  float32 [B, K]  (policy losses only) host reward of each attempt.
+  ref_logp float32 [B, T-1] (policy losses only) `reference_logprobs` of the tokens.
 """
 
 import functools
@@ -49,18 +51,31 @@ def _shifted_logits(model_cfg, params, tokens):
   return logits[:, :-1]
 
 
+def reference_logprobs(ref_params: Any, tokens: Array, *, model_cfg: model_lib.ModelConfig,
+                       temperature: float) -> Array:
+  """Log-probs [B, T-1] of tokens[:, 1:] under the frozen reference, without gradients.
+
+  Kept out of the train step so that the trainer can dispatch it right after sampling and
+  let the device compute it while the host checks the rewards.
+  """
+  logits = _shifted_logits(model_cfg, jax.lax.stop_gradient(ref_params), tokens)
+  return jax.lax.stop_gradient(model_lib.token_logprobs(logits, tokens[:, 1:], temperature))
+
+
 def policy_loss(params: Any, ref_params: Any, batch: Batch, *,
                 model_cfg: model_lib.ModelConfig, objective: objectives.ObjectiveConfig,
                 temperature: float) -> tuple[Array, dict[str, Array]]:
-  """SCoRe / RL loss of one batch. Log-probs at the sampling temperature, in float32."""
+  """SCoRe / RL loss of one batch (which carries `ref_logp` from `reference_logprobs`).
+
+  Log-probs at the sampling temperature, in float32.
+  """
+  del ref_params  # Already used: batch["ref_logp"].
   tokens, targets, attempt = batch["tokens"], batch["tokens"][:, 1:], batch["attempt"][:, 1:]
   logits = _shifted_logits(model_cfg, params, tokens).astype(jnp.float32) / temperature
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
   entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  ref_logits = _shifted_logits(model_cfg, jax.lax.stop_gradient(ref_params), tokens)
-  ref_logp = jax.lax.stop_gradient(model_lib.token_logprobs(ref_logits, targets, temperature))
-  return objectives.loss_fn(objective, logp, ref_logp, attempt, batch["rewards"],
+  return objectives.loss_fn(objective, logp, batch["ref_logp"], attempt, batch["rewards"],
                             jax.lax.stop_gradient(entropy))
 
 

@@ -24,7 +24,8 @@ def rollout():
                                 instruction=[5, 6], eot_id=3, pad_id=0)
   out = sampler(params, PROMPTS, jax.random.PRNGKey(1), 1.0)
   rewards = np.array([[0, 1], [1, 1], [0, 0], [1, 0]], np.float32)
-  batch = {"tokens": out.tokens, "attempt": out.attempt, "rewards": jnp.asarray(rewards)}
+  batch = {"tokens": out.tokens, "attempt": out.attempt, "rewards": jnp.asarray(rewards),
+           "ref_logp": ts.reference_logprobs(params, out.tokens, model_cfg=CFG, temperature=1.0)}
   return params, out, batch
 
 
