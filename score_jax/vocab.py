@@ -1,7 +1,27 @@
-"""Vocabularies: one interface (encode, decode, special ids) over every tokenizer we use."""
+"""Vocabularies: one interface (encode, decode, special ids) over every tokenizer we use.
+
+    vocab = from_gguf("model.gguf")            # SentencePiece (Gemma) or byte-level BPE (SmolLM2)
+    vocab = from_tokenizer_json("tokenizer.json")
+    vocab = SentencePieceVocab("tokenizer.model")
+    ids = ([vocab.bos_id] if vocab.bos_id is not None else []) + vocab.encode(text)
+
+`encode` never adds BOS/EOS; special tokens written in the text (chat markup such as
+"<start_of_turn>") become their ids. `decode` drops special tokens.
+"""
 
 import abc
-from typing import Optional, Sequence
+import json
+import mmap
+import os
+import pathlib
+import re
+import struct
+from typing import Any, Callable, Container, Iterable, Optional, Sequence, Union
+
+import gguf
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 
 class Vocabulary(abc.ABC):
@@ -77,3 +97,435 @@ class CharVocab(Vocabulary):
 
   def decode(self, ids: Sequence[int]) -> str:
     return "".join(self._chars[i - 3] for i in ids if 3 <= i < self.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real tokenizers: SentencePiece (Gemma) and byte-level BPE (SmolLM2, Qwen2), from a GGUF file's
+# metadata or from the tokenizer files a user brings.
+
+# Tokens that end a model turn, by chat family; the first one a vocabulary has is its `eot_id`.
+_TURN_END_TOKENS = ("<end_of_turn>", "<|im_end|>")
+
+# llama.cpp's token types (`tokenizer.ggml.token_type`); the same numbers as SentencePiece's.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
+
+
+def read_gguf_metadata(path: Union[str, os.PathLike],
+                       keys: Optional[Container[str]] = None) -> dict[str, Any]:
+  """The key/value metadata of a GGUF file (not its tensors).
+
+  `gguf.GGUFReader` builds numpy views for every array element, which takes ~20 s on a 262k-token
+  vocabulary; this walks the metadata directly and takes well under a second.
+
+  Args:
+    path: a .gguf file.
+    keys: the keys to decode (others are skipped); None decodes all.
+
+  Returns:
+    {key: value}: numbers and bools as Python scalars, strings as str, arrays of numbers as 1-D
+    numpy arrays, arrays of strings (or of arrays) as lists.
+  """
+  with open(path, "rb") as f:
+    if f.read(4) != struct.pack("<I", gguf.GGUF_MAGIC):
+      raise ValueError(f"{path} is not a GGUF file")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+      try:
+        return _read_metadata(_GGUFCursor(buf), keys)
+      except (struct.error, ValueError) as e:
+        raise ValueError(f"{path}: bad GGUF metadata ({e})") from None
+
+
+def _read_metadata(cursor: "_GGUFCursor", keys: Optional[Container[str]]) -> dict[str, Any]:
+  _, version, _, num_kv = cursor.unpack("<IIQQ")  # Magic, version, tensor count, metadata count.
+  if version not in gguf.READER_SUPPORTED_VERSIONS:
+    raise ValueError(f"GGUF version {version} is not supported")
+  metadata = {}
+  for _ in range(num_kv):
+    key = cursor.string()
+    value_type = cursor.unpack("<I")[0]
+    wanted = keys is None or key in keys
+    value = cursor.value(value_type, decode=wanted)
+    if wanted:
+      metadata[key] = value
+  return metadata
+
+
+_GGUF_NUMBERS = {
+    gguf.GGUFValueType.UINT8: np.dtype("<u1"), gguf.GGUFValueType.INT8: np.dtype("<i1"),
+    gguf.GGUFValueType.UINT16: np.dtype("<u2"), gguf.GGUFValueType.INT16: np.dtype("<i2"),
+    gguf.GGUFValueType.UINT32: np.dtype("<u4"), gguf.GGUFValueType.INT32: np.dtype("<i4"),
+    gguf.GGUFValueType.UINT64: np.dtype("<u8"), gguf.GGUFValueType.INT64: np.dtype("<i8"),
+    gguf.GGUFValueType.FLOAT32: np.dtype("<f4"), gguf.GGUFValueType.FLOAT64: np.dtype("<f8"),
+    gguf.GGUFValueType.BOOL: np.dtype("?"),
+}
+
+
+class _GGUFCursor:
+  """Reads GGUF metadata values from a buffer, front to back."""
+
+  def __init__(self, buf: mmap.mmap):
+    self._buf = buf
+    self._pos = 0
+
+  def unpack(self, fmt: str) -> tuple[Any, ...]:
+    values = struct.unpack_from(fmt, self._buf, self._pos)
+    self._pos += struct.calcsize(fmt)
+    return values
+
+  def string(self, decode: bool = True) -> Optional[str]:
+    (length,) = self.unpack("<Q")
+    start, self._pos = self._pos, self._pos + length
+    return self._buf[start:self._pos].decode("utf-8") if decode else None
+
+  def value(self, value_type: int, decode: bool) -> Any:
+    if value_type == gguf.GGUFValueType.STRING:
+      return self.string(decode)
+    if value_type == gguf.GGUFValueType.ARRAY:
+      item_type, count = self.unpack("<IQ")
+      if item_type in _GGUF_NUMBERS:
+        dtype = _GGUF_NUMBERS[item_type]
+        start, self._pos = self._pos, self._pos + count * dtype.itemsize
+        return np.frombuffer(self._buf, dtype, count, start).copy() if decode else None
+      items = [self.value(item_type, decode) for _ in range(count)]
+      return items if decode else None
+    if value_type in _GGUF_NUMBERS:
+      dtype = _GGUF_NUMBERS[value_type]
+      start, self._pos = self._pos, self._pos + dtype.itemsize
+      return np.frombuffer(self._buf, dtype, 1, start)[0].item() if decode else None
+    raise ValueError(f"unknown GGUF value type {value_type}")
+
+
+def _gguf_special_tokens(metadata: dict[str, Any]) -> dict[str, str]:
+  """{"bos" | "eos" | "unknown" | "padding": token text} for the special ids a GGUF names."""
+  tokens = metadata["tokenizer.ggml.tokens"]
+  return {name: tokens[metadata[f"tokenizer.ggml.{name}_token_id"]]
+          for name in ("bos", "eos", "unknown", "padding")
+          if f"tokenizer.ggml.{name}_token_id" in metadata}
+
+
+def _special_splitter(specials: Iterable[str]) -> Callable[[str], list[str]]:
+  """Splits text around special-token strings: even items are plain text, odd ones specials."""
+  specials = sorted(specials, key=len, reverse=True)  # Longest first, e.g. "<a>" before "<a".
+  if not specials:
+    return lambda text: [text]
+  pattern = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+  return pattern.split
+
+
+def _turn_end_id(token_id: Callable[[str], Optional[int]], eos_id: int) -> int:
+  for token in _TURN_END_TOKENS:
+    if (i := token_id(token)) is not None:
+      return i
+  return eos_id
+
+
+class SentencePieceVocab(Vocabulary):
+  """A SentencePiece model (Gemma; any `tokenizer.model`).
+
+  Control pieces written in the text (e.g. "<start_of_turn>") encode to their ids, as chat
+  templates need; `decode` drops them. User-defined pieces (Gemma's runs of spaces, newlines and
+  tabs, HTML tags) are text and are kept. Characters outside the vocabulary fall back to bytes
+  when the model has byte pieces (Gemma does). The text between control pieces is encoded piece
+  by piece, so a model with a dummy-prefix space (Llama 2; not Gemma) gets one on each.
+  """
+
+  def __init__(self, model: Union[str, os.PathLike, bytes], add_bos: bool = True):
+    """Args:
+      model: path of a `tokenizer.model`, or the serialized `ModelProto` itself.
+      add_bos: whether the model expects BOS first; False makes `bos_id` None.
+    """
+    proto = model if isinstance(model, bytes) else pathlib.Path(model).read_bytes()
+    self._sp = spm.SentencePieceProcessor(model_proto=proto)
+    if self._sp.eos_id() < 0:
+      raise ValueError("the SentencePiece model has no EOS piece")
+    self._add_bos = add_bos and self._sp.bos_id() >= 0
+    self._control = {self._sp.id_to_piece(i): i
+                     for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)}
+    self._split = _special_splitter(self._control)
+    self._eot = _turn_end_id(self._control.get, self.eos_id)
+
+  @classmethod
+  def from_gguf(cls, path: Union[str, os.PathLike]) -> "SentencePieceVocab":
+    """The SentencePiece model a GGUF (tokenizer.ggml.model == "llama") describes."""
+    metadata = read_gguf_metadata(path, _GGUF_TOKENIZER_KEYS)
+    return cls(sentencepiece_proto_from_gguf(path, metadata),
+               add_bos=metadata.get("tokenizer.ggml.add_bos_token", True))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    """BOS id, or None when the model takes no BOS."""
+    return self._sp.bos_id() if self._add_bos else None
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    """The pad piece, or EOS when the model has none (padding is masked anyway)."""
+    return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+  @property
+  def eot_id(self) -> int:
+    """"<end_of_turn>" (Gemma) or "<|im_end|>" when the model has it, else EOS."""
+    return self._eot
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for i, part in enumerate(self._split(text)):
+      if i % 2:
+        ids.append(self._control[part])
+      elif part:
+        ids.extend(self._sp.encode(part))
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids]
+    if any(not 0 <= i < self.vocab_size for i in ids):
+      raise ValueError(f"token id out of range [0, {self.vocab_size})")
+    return self._sp.decode(ids)
+
+
+_GGUF_TOKENIZER_KEYS = frozenset({
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix",
+})
+
+
+def sentencepiece_proto_from_gguf(path: Union[str, os.PathLike],
+                                  metadata: Optional[dict[str, Any]] = None) -> bytes:
+  """A serialized SentencePiece `ModelProto` (a `tokenizer.model`) rebuilt from a GGUF.
+
+  llama.cpp's "llama" tokenizer is SentencePiece BPE: pieces, scores (merge priority) and types
+  come from the file. The normalizer is the identity (Gemma's); a dummy-prefix space is added
+  only when the file says so (`add_space_prefix`, default on as in llama.cpp; Gemma: off).
+  Pieces stored with real spaces (Gemma's runs of spaces) are respelled with U+2581, since
+  SentencePiece matches pieces against text whose spaces are already U+2581.
+
+  Args:
+    path: a .gguf file.
+    metadata: its tokenizer metadata, when already read.
+  """
+  if metadata is None:
+    metadata = read_gguf_metadata(path, _GGUF_TOKENIZER_KEYS)
+  if metadata.get("tokenizer.ggml.model") != "llama":
+    raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
+                     "SentencePiece ('llama')")
+  tokens = metadata["tokenizer.ggml.tokens"]
+  scores = metadata["tokenizer.ggml.scores"]
+  types = metadata["tokenizer.ggml.token_type"]
+  special = _gguf_special_tokens(metadata)
+  if "unknown" not in special or "eos" not in special:
+    raise ValueError(f"{path}: the GGUF names no unknown or no EOS token")
+  proto = sp_model.ModelProto()
+  for token, score, token_type in zip(tokens, scores, types):
+    piece = proto.pieces.add()
+    piece.piece = token if token_type == _CONTROL else token.replace(" ", "\u2581")
+    piece.score = float(score)
+    # llama.cpp marks the unknown token CONTROL when the HF tokenizer lists it as special.
+    piece.type = _UNKNOWN if token == special["unknown"] else int(token_type)
+  spec = proto.trainer_spec
+  spec.model_type = sp_model.TrainerSpec.BPE
+  spec.vocab_size = len(tokens)
+  spec.byte_fallback = bool(np.any(types == _BYTE))
+  spec.unk_piece, spec.unk_id = special["unknown"], metadata["tokenizer.ggml.unknown_token_id"]
+  spec.eos_piece, spec.eos_id = special["eos"], metadata["tokenizer.ggml.eos_token_id"]
+  spec.bos_id = spec.pad_id = -1  # -1: the model has none.
+  if "bos" in special:
+    spec.bos_piece, spec.bos_id = special["bos"], metadata["tokenizer.ggml.bos_token_id"]
+  if "padding" in special:
+    spec.pad_piece, spec.pad_id = special["padding"], metadata["tokenizer.ggml.padding_token_id"]
+  norm = proto.normalizer_spec
+  norm.name = "identity"
+  norm.add_dummy_prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
+  norm.remove_extra_whitespaces = False
+  norm.escape_whitespaces = True
+  return proto.SerializeToString()
+
+
+# How each byte-level BPE family cuts text into words before merging (llama.cpp's
+# `tokenizer.ggml.pre` names). The regex split is GPT-2's unless the family has its own.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_BPE_FAMILIES = ("gpt-2", "smollm", "qwen2")
+
+
+def _byte_level_pipeline(tokenizer: Any, family: str) -> None:
+  """Sets the normalizer, pre-tokenizer and decoder of a byte-level BPE `family`."""
+  tokenizers = _import_tokenizers()
+  pre = tokenizers.pre_tokenizers
+  byte_level = pre.ByteLevel(add_prefix_space=False, use_regex=True)
+  if family == "gpt-2":
+    tokenizer.pre_tokenizer = byte_level
+  elif family == "smollm":  # Every digit alone (as SmolLM2's tokenizer.json does), then GPT-2.
+    tokenizer.pre_tokenizer = pre.Sequence([pre.Digits(individual_digits=True), byte_level])
+  elif family == "qwen2":
+    tokenizer.normalizer = tokenizers.normalizers.NFC()
+    tokenizer.pre_tokenizer = pre.Sequence([
+        pre.Split(tokenizers.Regex(_QWEN2_SPLIT), behavior="isolated"),
+        pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+  else:
+    raise ValueError(f"byte-level BPE family {family!r} is not supported; "
+                     f"supported: {', '.join(_BPE_FAMILIES)}")
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+
+
+def _import_tokenizers() -> Any:
+  try:
+    import tokenizers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("BPE vocabularies need the `tokenizers` package: pip install tokenizers "
+                      "(it comes with transformers)") from None
+  return tokenizers
+
+
+class BPEVocab(Vocabulary):
+  """A HuggingFace `tokenizers.Tokenizer`: byte-level BPE (SmolLM2, Qwen2) built from a GGUF,
+  or whatever a `tokenizer.json` describes.
+
+  Special tokens written in the text (e.g. "<|im_start|>") encode to their ids, as chat
+  templates need; `decode` drops them.
+  """
+
+  def __init__(self, tokenizer: Any, *, eos_token: str, bos_token: Optional[str] = None,
+               pad_token: Optional[str] = None):
+    """Args:
+      tokenizer: a `tokenizers.Tokenizer`.
+      eos_token: the end-of-sequence token.
+      bos_token: the token put first in every sequence; None when the model takes none.
+      pad_token: the padding token; None pads with EOS.
+    """
+    self._tokenizer = tokenizer
+    self._eos = self._id(eos_token)
+    self._bos = None if bos_token is None else self._id(bos_token)
+    self._pad = self._eos if pad_token is None else self._id(pad_token)
+    self._eot = _turn_end_id(tokenizer.token_to_id, self._eos)
+
+  def _id(self, token: str) -> int:
+    token_id = self._tokenizer.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f"token {token!r} is not in the vocabulary")
+    return token_id
+
+  @classmethod
+  def from_gguf(cls, path: Union[str, os.PathLike]) -> "BPEVocab":
+    """The byte-level BPE a GGUF (tokenizer.ggml.model == "gpt2") describes.
+
+    Tokens the file marks CONTROL become special tokens, USER_DEFINED ones plain added tokens;
+    `tokenizer.ggml.pre` picks how text is split before merging (see `_BPE_FAMILIES`).
+    """
+    tokenizers = _import_tokenizers()
+    metadata = read_gguf_metadata(path, _GGUF_TOKENIZER_KEYS)
+    if metadata.get("tokenizer.ggml.model") != "gpt2":
+      raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
+                       "byte-level BPE ('gpt2')")
+    tokens = metadata["tokenizer.ggml.tokens"]
+    types = metadata["tokenizer.ggml.token_type"]
+    alphabet = set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    for token, token_type in zip(tokens, types):
+      if token_type == _NORMAL and not set(token) <= alphabet:
+        raise ValueError(f"{path}: token {token!r} is not spelled in the byte-level alphabet")
+    if "tokenizer.ggml.merges" not in metadata:
+      raise ValueError(f"{path}: the GGUF has no BPE merges")
+    merges = [tuple(merge.split(" ")) for merge in metadata["tokenizer.ggml.merges"]]
+    if any(len(merge) != 2 for merge in merges):
+      raise ValueError(f"{path}: a merge is not two tokens separated by one space")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+      raise ValueError(f"{path}: the vocabulary has repeated tokens")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+    _byte_level_pipeline(tokenizer, metadata.get("tokenizer.ggml.pre", "gpt-2"))
+    tokenizer.add_special_tokens([
+        tokenizers.AddedToken(t, special=True, normalized=False)
+        for t, token_type in zip(tokens, types) if token_type == _CONTROL])
+    tokenizer.add_tokens([
+        tokenizers.AddedToken(t, special=False, normalized=False)
+        for t, token_type in zip(tokens, types) if token_type == _USER_DEFINED])
+    special = _gguf_special_tokens(metadata)
+    if "eos" not in special:
+      raise ValueError(f"{path}: the GGUF names no EOS token")
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", False)
+    return cls(tokenizer, eos_token=special["eos"],
+               bos_token=special.get("bos") if add_bos else None,
+               pad_token=special.get("padding"))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    """BOS id, or None when the model takes no BOS (SmolLM2, Qwen2)."""
+    return self._bos
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eot_id(self) -> int:
+    """"<|im_end|>" (ChatML) or "<end_of_turn>" when the vocabulary has it, else EOS."""
+    return self._eot
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in ids]
+    if any(not 0 <= i < self.vocab_size for i in ids):
+      raise ValueError(f"token id out of range [0, {self.vocab_size})")
+    return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def from_gguf(path: Union[str, os.PathLike]) -> Vocabulary:
+  """The vocabulary of a GGUF model: SentencePiece ("llama") or byte-level BPE ("gpt2")."""
+  kind = read_gguf_metadata(path, {"tokenizer.ggml.model"}).get("tokenizer.ggml.model")
+  if kind == "llama":
+    return SentencePieceVocab.from_gguf(path)
+  if kind == "gpt2":
+    return BPEVocab.from_gguf(path)
+  raise ValueError(f"{path}: tokenizer {kind!r} is not supported (SentencePiece 'llama' or "
+                   "byte-level BPE 'gpt2')")
+
+
+def from_tokenizer_json(path: Union[str, os.PathLike], *, eos_token: Optional[str] = None,
+                        bos_token: Optional[str] = None,
+                        pad_token: Optional[str] = None) -> BPEVocab:
+  """A HuggingFace `tokenizer.json` (any model type it describes).
+
+  Special tokens not given here are read from a `tokenizer_config.json` beside the file
+  ("eos_token", "bos_token", "pad_token"). BOS is used when that config says
+  "add_bos_token": true, or, when it says nothing, when the tokenizer's post-processor puts
+  BOS first.
+  """
+  tokenizers = _import_tokenizers()
+  path = pathlib.Path(path)
+  tokenizer = tokenizers.Tokenizer.from_file(str(path))
+  config_path = path.parent / "tokenizer_config.json"
+  config = json.loads(config_path.read_text()) if config_path.exists() else {}
+  def configured(name: str) -> Optional[str]:
+    token = config.get(name)
+    return token.get("content") if isinstance(token, dict) else token
+  eos_token = eos_token or configured("eos_token")
+  if not eos_token:
+    raise ValueError(f"{path}: no EOS token given and none in {config_path}")
+  bos_token = bos_token or configured("bos_token")
+  if bos_token:
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:
+      first = tokenizer.encode("a", add_special_tokens=True).ids[:1]
+      add_bos = first == [tokenizer.token_to_id(bos_token)]
+    bos_token = bos_token if add_bos else None
+  return BPEVocab(tokenizer, eos_token=eos_token, bos_token=bos_token,
+                  pad_token=pad_token or configured("pad_token"))

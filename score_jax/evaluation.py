@@ -1,0 +1,124 @@
+"""The paper's self-correction metrics over one set of evaluation problems.
+
+For rewards r_t in {0, 1} of attempts t = 1, 2 on N problems:
+  acc_t1, acc_t2      Accuracy@t1, Accuracy@t2
+  delta               Acc@t2 - Acc@t1 (= delta_i2c - delta_c2i)
+  delta_i2c           fraction of problems wrong at t1 and right at t2
+  delta_c2i           fraction of problems right at t1 and wrong at t2
+  delta_ci95          95% confidence interval of delta (paired normal approximation)
+  edit_ratio_*        edit distance between the attempts' texts over their combined length
+All fractions are in [0, 1].
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def edit_distance(a: str, b: str) -> int:
+  """Levenshtein distance (insertions, deletions, substitutions), O(len(a) * len(b))."""
+  prev = list(range(len(b) + 1))
+  for i, ca in enumerate(a, 1):
+    cur = [i]
+    for j, cb in enumerate(b, 1):
+      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+    prev = cur
+  return prev[-1]
+
+
+def edit_ratio(a: str, b: str) -> float:
+  """Edit distance over the two lengths combined: 0 for identical texts, at most 1."""
+  return edit_distance(a, b) / max(1, len(a) + len(b))
+
+
+def self_correction_metrics(rewards: np.ndarray,
+                            texts: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
+  """Metrics of rewards [N, K] (K >= 2; attempts 1 and 2 compared) and optional texts [N][K]."""
+  r = np.asarray(rewards, np.float64) >= 0.5
+  if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
+    raise ValueError(f"need rewards of shape [N, K>=2], got {r.shape}")
+  n = r.shape[0]
+  diff = r[:, 1].astype(np.float64) - r[:, 0]
+  half = 1.96 * diff.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+  out = {"n": n, "acc_t1": r[:, 0].mean(), "acc_t2": r[:, 1].mean(), "delta": diff.mean(),
+         "delta_i2c": (~r[:, 0] & r[:, 1]).mean(), "delta_c2i": (r[:, 0] & ~r[:, 1]).mean(),
+         "delta_ci95": [diff.mean() - half, diff.mean() + half]}
+  for k in range(2, r.shape[1]):
+    out[f"acc_t{k + 1}"] = r[:, k].mean()
+  if texts is not None:
+    ratios = np.array([edit_ratio(t[0], t[1]) for t in texts])
+    out.update(edit_ratio_mean=ratios.mean(), edit_ratio_median=float(np.median(ratios)),
+               edit_ratio_zero_fraction=(ratios == 0).mean())
+  return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+  """The paper's Table 2 shape: rows of methods, columns in percent."""
+  cols = [("Acc@t1", "acc_t1"), ("Acc@t2", "acc_t2"), ("Delta(t1,t2)", "delta"),
+          ("Delta i->c", "delta_i2c"), ("Delta c->i", "delta_c2i")]
+  lines = ["| method | " + " | ".join(c for c, _ in cols) + " | 95% CI of Delta | n |",
+           "|---" * (len(cols) + 3) + "|"]
+  for name, m in rows.items():
+    lo, hi = m["delta_ci95"]
+    cells = [f"{100 * m[key]:.1f}" for _, key in cols]
+    lines.append(f"| {name} | " + " | ".join(cells) +
+                 f" | [{100 * lo:+.1f}, {100 * hi:+.1f}] | {m['n']} |")
+  return "\n".join(lines)
+
+
+def write_results(directory: str, metrics: Mapping[str, float], samples: Sequence[dict]) -> None:
+  """results.json, results.md and samples.jsonl (every problem's attempts and rewards)."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "results.json"), "w") as f:
+    json.dump(dict(metrics), f, indent=2)
+  with open(os.path.join(directory, "results.md"), "w") as f:
+    f.write(markdown_table({"model": metrics}) + "\n")
+  with open(os.path.join(directory, "samples.jsonl"), "w") as f:
+    for s in samples:
+      f.write(json.dumps(s) + "\n")
+
+
+def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
+             num_attempts_shown: int = 2, rng=None, temperature: float = 0.0,
+             progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+  """Greedy (by default) multi-attempt rollouts on `examples`; the paper's metrics.
+
+  Returns (metrics, samples) where samples hold each problem's attempts and rewards.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from score_jax import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  rewards, texts, samples = [], [], []
+  t0 = time.time()
+  pending = None
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    ro = rollout_lib.generate(conv, sampler, params, chunk, jax.random.fold_in(rng, start),
+                              temperature)
+    future = rollout_lib.score(pool, task, ro)
+    if pending is not None:  # Rewards of the previous chunk were checked meanwhile.
+      _collect(pending, rewards, texts, samples)
+    pending = (ro, future)
+    if progress:
+      done = start + len(chunk)
+      rate = done / max(time.time() - t0, 1e-9)
+      print(f"eval {done}/{len(examples)} | {rate:.1f} problems/s, "
+            f"ETA {(len(examples) - done) / rate:.0f}s", file=sys.stderr, flush=True)
+  _collect(pending, rewards, texts, samples)
+  metrics = self_correction_metrics(np.concatenate(rewards), texts)
+  return metrics, samples
+
+
+def _collect(pending, rewards, texts, samples):
+  ro, future = pending
+  r = future.result()
+  rewards.append(r)
+  for ex, t, rr in zip(ro.examples, ro.texts, r):
+    texts.append(t)
+    samples.append({"id": ex.id, "prompt": ex.prompt, "reference": ex.reference,
+                    "attempts": t, "rewards": rr.tolist()})

@@ -1,0 +1,160 @@
+"""Experiments: the modes of `python -m score_jax.main`, configured by gin.
+
+  sft        train the base model on the task's transcripts (the toy demo's base model)
+  stage1     SCoRe Stage I from `experiment.init_from` (reference: `experiment.reference_from`)
+  stage2     SCoRe Stage II from Stage I's export (reference: the base model)
+  multi_turn, single_turn   the paper's ablations / baselines
+  eval       greedy multi-attempt evaluation of `experiment.init_from`
+  pipeline   sft -> eval(base) -> stage1 -> stage2 -> eval(stage1, stage2) and the Table 2
+             shaped summary, each under its own sub-directory of the work dir.
+
+Each mode reads its gin bindings in a scope named after it, so one config can hold
+`sft/RunConfig.steps = 600` and `stage2/RunConfig.steps = 200` side by side.
+"""
+
+import os
+from typing import Any, Optional
+
+import gin
+import jax
+
+from score_jax import checkpoints
+from score_jax import evaluation
+from score_jax import model as model_lib
+from score_jax import objectives
+from score_jax import partitioning
+from score_jax import rollout as rollout_lib
+from score_jax import tasks
+from score_jax import toy
+from score_jax import trainer
+from score_jax import vocab as vocab_lib
+
+UserError = trainer.UserError
+
+
+@gin.configurable
+def policy_source(model: str = "toy", chat_format: str = "plain") -> tuple[str, str]:
+  """Where the starting model comes from when no `init_from` is given.
+
+  model: "toy" (a small random model over the toy task's characters, `toy.model_config`),
+    or any source `loading.load` accepts (a shipped name, a GGUF file, a HF directory).
+  chat_format: conversation format of real models (see chat.py).
+  """
+  return model, chat_format
+
+
+def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary,
+                  chat_format: str) -> rollout_lib.Conversation:
+  if isinstance(task, toy.ToyArithmetic):
+    return rollout_lib.Conversation(task, vocab, toy.ToyFormat())
+  from score_jax import chat  # pylint: disable=g-import-not-at-top
+  return rollout_lib.Conversation(task, vocab, chat.get_format(chat_format))
+
+
+def _vocab_from_spec(spec: dict) -> vocab_lib.Vocabulary:
+  if spec["kind"] == "char":
+    return vocab_lib.CharVocab(spec["alphabet"])
+  from score_jax import loading  # pylint: disable=g-import-not-at-top
+  return loading.load(spec["source"])[2]
+
+
+def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer.Policy:
+  """The policy exported under work dir `path` (its `export/`), or a fresh one."""
+  source, chat_format = policy_source()
+  if path is not None:
+    export = os.path.join(path, "export")
+    if not os.path.isdir(export):
+      raise UserError(f"no exported model in {path!r} (expected {export}/): run the "
+                              "previous stage first, or fix experiment.init_from")
+    model_cfg, params, spec = checkpoints.load_export(export)
+    vocab = _vocab_from_spec(spec)
+  elif source == "toy":
+    if not isinstance(task, toy.ToyArithmetic):
+      raise UserError("policy_source.model = 'toy' only works with the toy task")
+    vocab = task.vocab
+    model_cfg = toy.model_config(vocab.vocab_size)
+    params = model_lib.init_params(model_cfg, jax.random.PRNGKey(seed))
+    spec = {"kind": "char", "alphabet": toy.ALPHABET}
+  else:
+    from score_jax import loading  # pylint: disable=g-import-not-at-top
+    model_cfg, params, vocab = loading.load(source)
+    spec = {"kind": "source", "source": source}
+  return trainer.Policy(model_cfg, params, _conversation(task, vocab, chat_format), spec)
+
+
+@gin.configurable
+def eval_config(num_problems: Optional[int] = None, batch_size: int = 250,
+                num_attempts: int = 2, split: str = "test") -> dict[str, Any]:
+  """Evaluation settings: problems of `split` (all when num_problems is None)."""
+  return dict(num_problems=num_problems, batch_size=batch_size, num_attempts=num_attempts,
+              split=split)
+
+
+def run_eval(workdir: str, task: tasks.Task, policy: trainer.Policy) -> dict[str, float]:
+  cfg = eval_config()
+  run_cfg = trainer.RunConfig()
+  examples = task.examples(cfg["split"])[:cfg["num_problems"]]
+  sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=cfg["num_attempts"],
+                                     max_new_tokens=run_cfg.max_new_tokens,
+                                     max_prompt_len=run_cfg.max_prompt_len)
+  with trainer.make_pool(run_cfg.reward_workers) as pool:
+    metrics, samples = evaluation.evaluate(policy.conv, sampler, policy.params, task,
+                                           examples, pool, batch_size=cfg["batch_size"])
+  evaluation.write_results(workdir, metrics, samples)
+  print(evaluation.markdown_table({os.path.basename(workdir.rstrip("/")): metrics}))
+  return metrics
+
+
+def run_mode(mode: str, workdir: str, task: tasks.Task, init_from: Optional[str],
+             reference_from: Optional[str]) -> trainer.Policy:
+  """One mode, with gin scope `mode` (so `stage1/RunConfig.steps = ...` applies)."""
+  with gin.config_scope(mode):
+    run_cfg = trainer.RunConfig()
+    if mode == "eval":
+      policy = load_policy(task, init_from, run_cfg.seed)
+      run_eval(workdir, task, policy)
+      return policy
+    policy = load_policy(task, init_from, run_cfg.seed)
+    ref_params, objective = None, None
+    if mode != "sft":  # The KL reference: the base model.
+      if reference_from is None and policy_source()[0] == "toy":
+        raise UserError("the toy model's base is an sft work dir: set "
+                                "experiment.reference_from to it")
+      if reference_from is None and init_from is None:
+        ref_params = policy.params
+      else:
+        ref_params = load_policy(task, reference_from).params
+      objective = objectives.objective(kind=mode)
+    return trainer.train(mode, workdir, task, policy, ref_params, run_cfg, objective,
+                         mesh=partitioning.make_mesh(partitioning.mesh_shape()),
+                         rules=partitioning.axis_rules())
+
+
+@gin.configurable
+def experiment(mode: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
+               task: tasks.Task = gin.REQUIRED, init_from: Optional[str] = None,
+               reference_from: Optional[str] = None) -> Any:
+  """Runs `mode` (see the module docstring) in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.gin"), "w") as f:
+    f.write(gin.config_str())
+  if mode != "pipeline":
+    return run_mode(mode, workdir, task, init_from, reference_from)
+  return pipeline(workdir, task)
+
+
+def pipeline(workdir: str, task: tasks.Task) -> dict[str, dict[str, float]]:
+  """sft -> eval(base) -> stage1 -> stage2 -> eval(stage1, stage2); the Table 2 summary."""
+  d = lambda name: os.path.join(workdir, name)
+  run_mode("sft", d("base"), task, None, None)
+  run_mode("stage1", d("stage1"), task, d("base"), d("base"))
+  run_mode("stage2", d("stage2"), task, d("stage1"), d("base"))
+  rows = {}
+  with gin.config_scope("eval"):
+    for name, src in (("base model", "base"), ("Stage I only", "stage1"), ("SCoRe", "stage2")):
+      rows[name] = run_eval(d(f"eval_{src}"), task, load_policy(task, d(src)))
+  table = evaluation.markdown_table(rows)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(table + "\n")
+  print("\n" + table)
+  return rows

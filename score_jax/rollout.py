@@ -1,0 +1,88 @@
+"""Rollouts: problems -> token ids -> multi-attempt samples (device) -> texts -> rewards (host).
+
+Shared by the trainer and the evaluation. The device part is `sampler.Sampler`; this module is
+the host side around it: building the conversation's token ids from a task's text, decoding
+each attempt, and scoring attempts in the reward pool while the device does other work.
+"""
+
+import concurrent.futures
+import dataclasses
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from score_jax import sampler as sampler_lib
+from score_jax import tasks
+from score_jax import vocab as vocab_lib
+
+
+class TurnFormat(Protocol):
+  """How a conversation is written: see chat.ChatFormat (real models) or toy.ToyFormat."""
+
+  def first_turn(self, user_text: str) -> str:
+    ...
+
+  def next_turn(self, user_text: str) -> str:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+  """Token ids of the self-correction conversation for one task, vocabulary and format."""
+  task: tasks.Task
+  vocab: vocab_lib.Vocabulary
+  fmt: TurnFormat
+
+  def prompt_ids(self, example: tasks.Example) -> list[int]:
+    bos = [] if self.vocab.bos_id is None else [self.vocab.bos_id]
+    return bos + self.vocab.encode(self.fmt.first_turn(example.prompt))
+
+  def instruction_ids(self) -> list[int]:
+    return self.vocab.encode(self.fmt.next_turn(self.task.self_correction_instruction))
+
+  def make_sampler(self, model_cfg, *, num_attempts: int, max_new_tokens: int,
+                   max_prompt_len: int, **kwargs) -> sampler_lib.Sampler:
+    return sampler_lib.Sampler(
+        model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
+        max_prompt_len=max_prompt_len, instruction=self.instruction_ids(),
+        eot_id=self.vocab.eot_id, pad_id=self.vocab.pad_id, **kwargs)
+
+  def decode_attempts(self, out: sampler_lib.SampleOutput) -> list[list[str]]:
+    """Texts [B][K] of each attempt (the end-of-turn token dropped)."""
+    toks, mask = np.asarray(out.attempt_tokens), np.asarray(out.attempt_mask)
+    return [[self.vocab.decode(toks[k, b][mask[k, b]].tolist()) for k in range(toks.shape[0])]
+            for b in range(toks.shape[1])]
+
+
+@dataclasses.dataclass
+class Rollout:
+  examples: list[tasks.Example]   # [B] (each prompt repeated n times, contiguous)
+  output: sampler_lib.SampleOutput
+  texts: list[list[str]]          # [B][K]
+
+
+def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
+             examples: Sequence[tasks.Example], rng: Any, temperature: float,
+             samples_per_prompt: int = 1) -> Rollout:
+  """Samples every attempt for each example, `samples_per_prompt` times (rows contiguous)."""
+  repeated = [e for e in examples for _ in range(samples_per_prompt)]
+  out = sampler(params, [conv.prompt_ids(e) for e in repeated], rng, temperature)
+  return Rollout(repeated, out, conv.decode_attempts(out))
+
+
+def score(pool: Any, task: tasks.Task, rollout: Rollout) -> concurrent.futures.Future:
+  """Submits every attempt's reward check; the future's result is float32 [B, K]."""
+  calls = [task.reward_call(text, ex) for ex, texts in zip(rollout.examples, rollout.texts)
+           for text in texts]
+  num_attempts = len(rollout.texts[0])
+  inner = pool.submit(calls)
+  outer: concurrent.futures.Future = concurrent.futures.Future()
+
+  def done(f):
+    try:
+      outer.set_result(np.asarray(f.result(), np.float32).reshape(-1, num_attempts))
+    except Exception as e:  # pylint: disable=broad-except
+      outer.set_exception(e)
+
+  inner.add_done_callback(done)
+  return outer

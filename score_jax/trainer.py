@@ -1,0 +1,285 @@
+"""The training loop: sample on device -> rewards on host -> pure train step; and evaluation.
+
+    for step in range(start, steps):
+      prompts = next(data)                             # grain, state checkpointed
+      rollout = sample(params, prompts)                # one compiled program, all attempts
+      ref_logp = reference(ref_params, rollout)        # dispatched, runs while ...
+      rewards = pool(rollout.texts)                    # ... the host checks answers
+      state, metrics = train_step(state, batch)        # jitted, sharded, state donated
+
+Modes: "sft" trains the base model on transcripts (cross-entropy); "stage1", "stage2",
+"multi_turn", "single_turn" are the RL objectives of objectives.py. Every run writes
+WORKDIR/metrics.jsonl, TensorBoard events, orbax checkpoints (resumed automatically after a
+crash) and, at the end, WORKDIR/export (the final weights, for the next stage or evaluation).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Any, Optional
+
+from absl import logging
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from score_jax import checkpoints
+from score_jax import data as data_lib
+from score_jax import evaluation
+from score_jax import model as model_lib
+from score_jax import objectives
+from score_jax import partitioning
+from score_jax import rollout as rollout_lib
+from score_jax import tasks
+from score_jax import train_step as ts
+from score_jax.rewards import pool as pool_lib
+
+RL_MODES = objectives.KINDS
+
+
+class UserError(Exception):
+  """A problem with the user's input (config, paths): reported in one line, no traceback."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Hyperparameters of one training run (gin: `RunConfig.steps = 300`, ...)."""
+  steps: int = 100
+  batch_prompts: int = 32         # prompts per step, all hosts together
+  samples_per_prompt: int = 4     # n of the RLOO baseline
+  learning_rate: float = 1e-5
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  temperature: float = 1.0        # sampling temperature of training rollouts
+  num_attempts: int = 2
+  max_new_tokens: int = 64
+  max_prompt_len: int = 128
+  num_micro_batches: int = 1
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  reward_workers: int = 2
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Policy:
+  """A model with its vocabulary and conversation format."""
+  model_cfg: model_lib.ModelConfig
+  params: Any
+  conv: rollout_lib.Conversation
+  vocab_spec: dict  # How to rebuild the vocabulary (stored with exports).
+
+
+def make_pool(num_workers: int) -> pool_lib.RewardPool:
+  """Reward worker processes, with the answer checkers imported up front."""
+  return pool_lib.RewardPool(num_workers, preload=("score_jax.tasks", "score_jax.rewards.math"))
+
+
+def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+  lr = (optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+        if cfg.warmup_steps else cfg.learning_rate)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(lr, weight_decay=cfg.weight_decay))
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard + a console progress line with ETA (process 0 only)."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int):
+    self._on = jax.process_index() == 0
+    self._total, self._start, self._t0 = total_steps, start_step, time.time()
+    if self._on:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any], console: bool) -> None:
+    if not self._on:
+      return
+    metrics = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      if isinstance(v, float):
+        self._tb.add_scalar(k, v, step)
+    if console:
+      done = step - self._start
+      rate = done / max(time.time() - self._t0, 1e-9)
+      eta = (self._total - step) / max(rate, 1e-9)
+      keys = [k for k in ("loss", "reward_t1", "reward_t2", "delta", "kl_t1", "kl_t2",
+                          "token_accuracy") if k in metrics]
+      shown = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
+      print(f"[{step}/{self._total}] {shown} | {rate:.2f} steps/s, ETA {eta:.0f}s",
+            file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._on:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _sharded_state(state_shapes, model_cfg, mesh, rules):
+  """NamedShardings for a TrainState (params, reference, optimizer moments, step)."""
+  param_sh = partitioning.model_param_shardings(model_cfg, mesh, rules)
+  return ts.TrainState(
+      step=partitioning.batch_sharding(mesh, 0), params=param_sh,
+      opt_state=partitioning.opt_state_shardings(state_shapes.opt_state, param_sh, mesh),
+      ref_params=None if state_shapes.ref_params is None else param_sh)
+
+
+def _training_reward(mode: str, metrics: dict[str, Any]) -> float:
+  """What "best checkpoint" means: the final attempt's reward (the paper picks checkpoints
+  by training reward); for SFT, the negative loss."""
+  if mode == "sft":
+    return -float(metrics["loss"])
+  finals = sorted(k for k in metrics if k.startswith("reward_t"))
+  return float(metrics[finals[-1]])
+
+
+def batch_hash(examples) -> int:
+  """A fingerprint of a batch's example ids (logged, to check the data order on resume)."""
+  return zlib.crc32("\n".join(e.id for e in examples).encode())
+
+
+def sft_batch(task: tasks.Task, conv: rollout_lib.Conversation, examples, rng, length: int):
+  """Token ids and attempt ids [B, length] of SFT transcripts (`task.sft_transcript`)."""
+  vocab, eot = conv.vocab, conv.vocab.eot_id
+  tokens = np.full((len(examples), length), vocab.pad_id, np.int32)
+  attempt = np.zeros_like(tokens)
+  for b, ex in enumerate(examples):
+    seq, att = list(conv.prompt_ids(ex)), None
+    att = [0] * len(seq)
+    for k, text in enumerate(task.sft_transcript(ex, rng)):
+      if k:
+        ins = conv.instruction_ids()
+        seq, att = seq + ins, att + [0] * len(ins)
+      ids = vocab.encode(text) + [eot]
+      seq, att = seq + ids, att + [k + 1] * len(ids)
+    if len(seq) > length:
+      raise UserError(f"SFT transcript of {len(seq)} tokens exceeds the buffer of {length}; "
+                      "raise RunConfig.max_new_tokens or max_prompt_len")
+    tokens[b, :len(seq)], attempt[b, :len(seq)] = seq, att
+  return {"tokens": tokens, "attempt": attempt}
+
+
+def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,
+          cfg: RunConfig, objective: Optional[objectives.ObjectiveConfig] = None,
+          mesh=None, rules=partitioning.DEFAULT_RULES) -> Policy:
+  """Trains `policy` for `cfg.steps` steps (resuming from WORKDIR's checkpoints); exports it."""
+  if mode != "sft" and mode not in RL_MODES:
+    raise UserError(f"unknown training mode {mode!r}; use sft or one of {RL_MODES}")
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh or partitioning.make_mesh(partitioning.mesh_shape())
+  model_cfg, conv = policy.model_cfg, policy.conv
+  optimizer = make_optimizer(cfg)
+  n = 1 if mode == "sft" else cfg.samples_per_prompt
+  per_host = cfg.batch_prompts // jax.process_count()
+  if per_host * jax.process_count() != cfg.batch_prompts:
+    raise UserError(f"batch_prompts={cfg.batch_prompts} must divide over "
+                    f"{jax.process_count()} hosts")
+
+  # The train step, jitted with shardings from the logical-axis rules; state donated.
+  if mode == "sft":
+    loss_fn = functools.partial(ts.sft_loss, model_cfg=model_cfg)
+  else:
+    objective = dataclasses.replace(objective or objectives.ObjectiveConfig(kind=mode), n=n)
+    if objective.kind != mode:
+      raise UserError(f"mode {mode!r} but the gin objective kind is {objective.kind!r}")
+    loss_fn = functools.partial(ts.policy_loss, model_cfg=model_cfg, objective=objective,
+                                temperature=cfg.temperature)
+  init_fn = lambda p, r: ts.init_state(p, optimizer, r)
+  state_shapes = jax.eval_shape(init_fn, policy.params, ref_params)
+  state_sh = _sharded_state(state_shapes, model_cfg, mesh, rules)
+  with partitioning.with_mesh_and_rules(mesh, rules):
+    state = jax.jit(init_fn, out_shardings=state_sh)(policy.params, ref_params)
+    step_fn = jax.jit(ts.make_train_step(loss_fn, optimizer, cfg.num_micro_batches),
+                      in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                      donate_argnums=0)
+    sampler = conv.make_sampler(model_cfg, num_attempts=cfg.num_attempts,
+                                max_new_tokens=cfg.max_new_tokens,
+                                max_prompt_len=cfg.max_prompt_len)
+
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  keep=cfg.keep_checkpoints)
+  data = data_lib.PromptIterator(task.examples("train"), per_host, seed=cfg.seed)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(None, jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        state_shapes, state_sh))
+    data.set_state(meta["data"])
+    start = int(state.step)
+    logging.info("Resumed %s from step %d in %s", mode, start, workdir)
+    print(f"Resuming {mode} from step {start}", file=sys.stderr, flush=True)
+
+  writer = MetricsWriter(workdir, cfg.steps, start)
+  pool = None if mode == "sft" else make_pool(cfg.reward_workers)
+  rng = jax.random.PRNGKey(cfg.seed)
+  try:
+    for step in range(start, cfg.steps):
+      t0 = time.time()
+      examples = next(data)
+      if mode == "sft":
+        np_rng = np.random.default_rng([cfg.seed, step])
+        batch = sft_batch(task, conv, examples, np_rng, sampler.total_len)
+        with partitioning.with_mesh_and_rules(mesh, rules):
+          state, metrics = step_fn(state, batch)
+        extra = {}
+      else:
+        metrics, extra, state = _rl_step(state, step_fn, sampler, conv, task, pool, examples,
+                                         jax.random.fold_in(rng, step), cfg, mesh, rules)
+      metrics = jax.device_get(metrics)
+      metrics.update(extra, step_time_s=time.time() - t0, batch_hash=batch_hash(examples),
+                     epoch=data.epoch)
+      last = step + 1 == cfg.steps
+      writer.write(step + 1, metrics, console=(step + 1) % cfg.log_every == 0 or last)
+      if (step + 1) % cfg.checkpoint_every == 0 or last:
+        ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode},
+                  reward=_training_reward(mode, metrics))
+    ckpt.wait()
+  finally:
+    writer.close()
+    if pool is not None:
+      pool.close()
+  params = jax.device_get(state.params)
+  checkpoints.export_params(os.path.join(workdir, "export"), model_cfg, params,
+                            policy.vocab_spec)
+  ckpt.close()
+  return dataclasses.replace(policy, params=params)
+
+
+def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh, rules):
+  """One RL step. Returns (device metrics, host metrics, new state)."""
+  t0 = time.time()
+  with partitioning.with_mesh_and_rules(mesh, rules):
+    ro = rollout_lib.generate(conv, sampler, state.params, examples, rng, cfg.temperature,
+                              cfg.samples_per_prompt)
+    t_sampled = time.time()
+    rewards_future = rollout_lib.score(pool, task, ro)
+    batch = {"tokens": ro.output.tokens, "attempt": ro.output.attempt}
+    # Dispatched asynchronously: the device computes while the host waits for the rewards.
+    batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, cfg.temperature)(
+        state.ref_params, batch["tokens"])
+    t_dispatched = time.time()
+    batch["rewards"] = rewards_future.result()
+    t_rewards = time.time()
+    state, metrics = step_fn(state, batch)
+  extra = {"reward_wait_s": t_rewards - t_dispatched, "sample_s": t_sampled - t0}
+  if cfg.num_attempts > 1:
+    extra["edit_ratio"] = float(np.mean([evaluation.edit_ratio(t[0], t[1]) for t in ro.texts]))
+  return metrics, extra, state
+
+
+@functools.cache
+def ref_logprobs_fn(model_cfg, temperature):
+  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg,
+                                   temperature=temperature))

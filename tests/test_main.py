@@ -1,0 +1,143 @@
+"""End to end through `python -m score_jax.main`: every mode for a few steps, bad input, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from score_jax import data as data_lib
+from score_jax import toy
+from score_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [  # A few steps of everything, small batches, few eval problems.
+    "--gin.toy.model_config.num_layers=1",
+    "--gin.sft/RunConfig.steps=4", "--gin.stage1/RunConfig.steps=2",
+    "--gin.stage2/RunConfig.steps=2", "--gin.RunConfig.batch_prompts=4",
+    "--gin.RunConfig.samples_per_prompt=2", "--gin.RunConfig.log_every=1",
+    "--gin.eval_config.num_problems=16", "--gin.eval_config.batch_size=8",
+    "--gin.RunConfig.reward_workers=1",
+]
+
+
+def run_main(*args, cwd=None, timeout=600, check=True):
+  proc = subprocess.run([sys.executable, "-m", "score_jax.main", *args], cwd=cwd or ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+  return proc
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  """The demo pipeline, tiny: sft -> eval -> stage1 -> stage2 -> evals, from another cwd."""
+  work = tmp_path_factory.mktemp("demo")
+  run_main("--gin_file=demo.gin", f"--gin.WORKDIR='{work}'", *TINY, cwd=str(work))
+  return work
+
+
+def test_pipeline_runs_every_stage_and_writes_the_table(pipeline_dir):
+  table = (pipeline_dir / "table.md").read_text()
+  for row in ("base model", "Stage I only", "SCoRe"):
+    assert row in table
+  for stage in ("base", "stage1", "stage2"):
+    assert (pipeline_dir / stage / "export" / "model_config.json").exists()
+    steps = [m["step"] for m in read_jsonl(pipeline_dir / stage / "metrics.jsonl")]
+    assert steps[-1] >= 2
+    assert list((pipeline_dir / stage / "tensorboard").iterdir())
+  results = json.loads((pipeline_dir / "eval_stage2" / "results.json").read_text())
+  assert results["n"] == 16
+  for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i"):
+    assert 0.0 <= abs(results[key]) <= 1.0
+  assert abs(results["delta"] - (results["delta_i2c"] - results["delta_c2i"])) < 1e-9
+  rl = read_jsonl(pipeline_dir / "stage2" / "metrics.jsonl")[-1]
+  for key in ("reward_t1", "reward_t2", "kl_t1", "kl_t2", "entropy", "edit_ratio",
+              "step_time_s", "reward_wait_s"):
+    assert key in rl
+  assert "experiment.mode = 'pipeline'" in (pipeline_dir / "config.gin").read_text()
+
+
+@pytest.mark.parametrize("mode", ["stage1", "stage2", "multi_turn", "single_turn", "eval"])
+def test_each_mode_from_its_gin_file(pipeline_dir, tmp_path, mode):
+  gin_file = {"multi_turn": "stage2.gin", "single_turn": "stage1.gin"}.get(mode, mode + ".gin")
+  args = [f"--gin_file={gin_file}", "--gin_file=tasks/toy.gin", f"--gin.WORKDIR='{tmp_path}'",
+          f"--gin.BASE_WORKDIR='{pipeline_dir / 'base'}'", *TINY,
+          f"--gin.{mode}/RunConfig.steps=2"]
+  if mode in ("stage2", "multi_turn"):
+    args.append(f"--gin.STAGE1_WORKDIR='{pipeline_dir / 'stage1'}'")
+  if mode in ("multi_turn", "single_turn"):
+    args.append(f"--gin.experiment.mode='{mode}'")
+  if mode == "eval":
+    args.append(f"--gin.MODEL_WORKDIR='{pipeline_dir / 'stage2'}'")
+  proc = run_main(*args, "--gin_bindings=eval_config.num_problems = 8")
+  if mode == "eval":
+    assert json.loads((tmp_path / "results.json").read_text())["n"] == 8
+    assert "Acc@t1" in proc.stdout
+  else:
+    assert (tmp_path / "export" / "model_config.json").exists()
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gin_file=no_such_file.gin"], "not found"),
+    (["--gin_file=sft.gin", "--gin_file=tasks/toy.gin", "--gin.RunConfig.no_such_knob=1"],
+     "bad gin config"),
+    (["--gin_file=stage2.gin", "--gin_file=tasks/toy.gin", "--gin.BASE_WORKDIR='/nonexistent'",
+      "--gin.STAGE1_WORKDIR='/nonexistent/stage1'"], "no exported model"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, message):
+  proc = run_main(*args, f"--gin.WORKDIR='{tmp_path}'", check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_workdir_with_checkpoint_of_another_model_shape(pipeline_dir, tmp_path):
+  sft = ["--gin_file=sft.gin", "--gin_file=tasks/toy.gin", f"--gin.WORKDIR='{tmp_path}'",
+         *TINY]
+  run_main(*sft)
+  proc = run_main(*sft, "--gin.sft/RunConfig.steps=6", "--gin.toy.model_config.embed_dim=64",
+                  check=False)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert "shape" in proc.stderr
+
+
+def test_kill_9_then_restart_continues_with_same_data_order(tmp_path):
+  args = ["--gin_file=sft.gin", "--gin_file=tasks/toy.gin", f"--gin.WORKDIR='{tmp_path}'",
+          "--gin.sft/RunConfig.steps=400", "--gin.RunConfig.checkpoint_every=3",
+          "--gin.RunConfig.batch_prompts=8", "--gin.toy.model_config.num_layers=1"]
+  proc = subprocess.Popen([sys.executable, "-m", "score_jax.main", *args], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:  # Kill once a few checkpoints exist.
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = read_jsonl(metrics)[-1]["step"]
+  assert killed_at < 400
+  run_main(*args, "--gin.sft/RunConfig.steps=" + str(killed_at + 4))
+  lines = read_jsonl(metrics)
+  # Resumed from the last complete checkpoint (a multiple of 3) and went on from there.
+  resumed = [m["step"] for m in lines[len(lines) - (killed_at + 4 - (killed_at // 3) * 3):]]
+  assert resumed == list(range((killed_at // 3) * 3 + 1, killed_at + 5))
+  # Each step saw exactly the batch an uninterrupted run sees at that step.
+  task = toy.ToyArithmetic()
+  it = data_lib.PromptIterator(task.examples("train"), 8, seed=0)
+  expected = [trainer.batch_hash(next(it)) for _ in range(killed_at + 4)]
+  for m in lines:
+    assert m["batch_hash"] == expected[m["step"] - 1]
