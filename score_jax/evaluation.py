@@ -88,7 +88,9 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
              progress: bool = True) -> tuple[dict[str, float], list[dict]]:
   """Greedy (by default) multi-attempt rollouts on `examples`; the paper's metrics.
 
-  Returns (metrics, samples) where samples hold each problem's attempts and rewards.
+  Returns (metrics, samples) where samples hold each problem's attempts and rewards. The
+  host checks the rewards of one chunk while the device generates the next. In a multi-host
+  run every process evaluates all `examples` on its own devices (same results everywhere).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from score_jax import rollout as rollout_lib  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@ Each mode reads its gin bindings in a scope named after it, so one config can ho
 `sft/RunConfig.steps = 600` and `stage2/RunConfig.steps = 200` side by side.
 """
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -84,15 +85,21 @@ def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer
 
 @gin.configurable
 def eval_config(num_problems: Optional[int] = None, batch_size: int = 250,
-                num_attempts: int = 2, split: str = "test") -> dict[str, Any]:
-  """Evaluation settings: problems of `split` (all when num_problems is None)."""
+                num_attempts: int = 2, split: str = "test",
+                task: Optional[tasks.Task] = None) -> dict[str, Any]:
+  """Evaluation settings: the first `num_problems` of `split` (all when None), of `task` when
+  given (e.g. train on MBPP, evaluate on HumanEval), else of the experiment's task."""
   return dict(num_problems=num_problems, batch_size=batch_size, num_attempts=num_attempts,
-              split=split)
+              split=split, task=task)
 
 
 def run_eval(workdir: str, task: tasks.Task, policy: trainer.Policy) -> dict[str, float]:
   cfg = eval_config()
   run_cfg = trainer.RunConfig()
+  if cfg["task"] is not None and cfg["task"] is not task:
+    task = cfg["task"]
+    policy = dataclasses.replace(
+        policy, conv=dataclasses.replace(policy.conv, task=task))
   examples = task.examples(cfg["split"])[:cfg["num_problems"]]
   sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=cfg["num_attempts"],
                                      max_new_tokens=run_cfg.max_new_tokens,
@@ -100,7 +107,8 @@ def run_eval(workdir: str, task: tasks.Task, policy: trainer.Policy) -> dict[str
   with trainer.make_pool(run_cfg.reward_workers) as pool:
     metrics, samples = evaluation.evaluate(policy.conv, sampler, policy.params, task,
                                            examples, pool, batch_size=cfg["batch_size"])
-  evaluation.write_results(workdir, metrics, samples)
+  if jax.process_index() == 0:  # Every process evaluated every problem (see evaluate).
+    evaluation.write_results(workdir, metrics, samples)
   print(evaluation.markdown_table({os.path.basename(workdir.rstrip("/")): metrics}))
   return metrics
 
@@ -136,8 +144,9 @@ def experiment(mode: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
                reference_from: Optional[str] = None) -> Any:
   """Runs `mode` (see the module docstring) in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.gin"), "w") as f:
-    f.write(gin.config_str())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
   if mode != "pipeline":
     return run_mode(mode, workdir, task, init_from, reference_from)
   return pipeline(workdir, task)

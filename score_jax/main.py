@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import gin
+import jax
 
 from score_jax import checkpoints
 from score_jax import experiment
@@ -26,6 +27,12 @@ GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "gin files, by path or by name.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Connect the processes of a multi-host run (jax.distributed); on "
+    "Cloud TPU the other flags are found automatically.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def _split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Pulls `--gin.NAME=VALUE` out of argv as bindings `NAME = VALUE`."""
@@ -63,6 +70,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
 def main(argv: Sequence[str], gin_flag_bindings: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   parse_gin(_GIN_FILE.value, list(_GIN_BINDINGS.value) + list(gin_flag_bindings))
   experiment.experiment()
 

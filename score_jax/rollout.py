@@ -7,6 +7,7 @@ each attempt, and scoring attempts in the reward pool while the device does othe
 
 import concurrent.futures
 import dataclasses
+import time
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -71,14 +72,19 @@ def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
 
 
 def score(pool: Any, task: tasks.Task, rollout: Rollout) -> concurrent.futures.Future:
-  """Submits every attempt's reward check; the future's result is float32 [B, K]."""
+  """Submits every attempt's reward check; the future's result is float32 [B, K].
+
+  The future also carries `compute_s`: seconds from submission until the last check finished.
+  """
   calls = [task.reward_call(text, ex) for ex, texts in zip(rollout.examples, rollout.texts)
            for text in texts]
   num_attempts = len(rollout.texts[0])
+  start = time.time()
   inner = pool.submit(calls)
   outer: concurrent.futures.Future = concurrent.futures.Future()
 
   def done(f):
+    outer.compute_s = time.time() - start
     try:
       outer.set_result(np.asarray(f.result(), np.float32).reshape(-1, num_attempts))
     except Exception as e:  # pylint: disable=broad-except

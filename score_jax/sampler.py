@@ -17,13 +17,17 @@ an attempt that reaches N tokens without one is cut there.
 """
 
 import dataclasses
-from typing import Any, Sequence
+import math
+from typing import Any, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from score_jax import model as model_lib
+from score_jax import partitioning
 
 Array = jax.Array
 
@@ -152,11 +156,13 @@ class Sampler:
   """Host-side front end: pads prompts, checks sizes, calls the compiled `sample`.
 
   One compiled program per (batch, prompt_len) shape; calls at the same shapes reuse it.
+  With a `mesh`, the batch is split over its ("data", "fsdp") axes; in a multi-host run every
+  process passes its own prompts and gets back its own rows.
   """
 
   def __init__(self, model_cfg: model_lib.ModelConfig, *, num_attempts: int,
                max_new_tokens: int, max_prompt_len: int, instruction: Sequence[int],
-               eot_id: int, pad_id: int, jit_kwargs: dict | None = None):
+               eot_id: int, pad_id: int, mesh: Optional[Mesh] = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
     self.model_cfg = model_cfg
@@ -170,7 +176,14 @@ class Sampler:
     fn = lambda *args: sample(
         *args, model_cfg=model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
         eot_id=eot_id, pad_id=pad_id)
-    self._sample = jax.jit(fn, **(jit_kwargs or {}))
+    self._mesh = mesh
+    if mesh is None:
+      self._sample = jax.jit(fn)
+    else:
+      rows = NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES))
+      per_attempt = NamedSharding(mesh, PartitionSpec(None, partitioning.BATCH_AXES))
+      self._specs = SampleOutput(*[rows.spec] * 4, *[per_attempt.spec] * 4)
+      self._sample = jax.jit(fn, out_shardings=SampleOutput(*[rows] * 4, *[per_attempt] * 4))
 
   def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (int32 [B, max_prompt_len] right-padded, int32 [B] lengths)."""
@@ -188,5 +201,22 @@ class Sampler:
   def __call__(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
                temperature: float) -> SampleOutput:
     padded, lengths = self.pad_prompts(prompts)
-    return self._sample(params, padded, lengths, self.instruction, rng,
-                        jnp.float32(temperature))
+    if self._mesh is None:
+      return self._sample(params, padded, lengths, self.instruction, rng,
+                          jnp.float32(temperature))
+    # Pad this host's rows to a multiple of its share of the data-parallel devices.
+    n = len(prompts)
+    share = max(1, math.prod(self._mesh.shape[a] for a in partitioning.BATCH_AXES)
+                // jax.process_count())
+    extra = -n % share
+    padded = np.concatenate([padded, np.repeat(padded[:1], extra, 0)])
+    lengths = np.concatenate([lengths, np.repeat(lengths[:1], extra)])
+    padded, lengths = partitioning.host_local_to_global((padded, lengths), self._mesh)
+    out = self._sample(params, padded, lengths, self.instruction, rng,
+                       jnp.float32(temperature))
+    out = multihost_utils.global_array_to_host_local_array(out, self._mesh, self._specs)
+    rows_of = lambda x, axis: np.take(np.asarray(x), np.arange(n), axis=axis)
+    return SampleOutput(*[rows_of(x, 0) for x in (out.tokens, out.attempt, out.logprobs,
+                                                  out.lengths)],
+                        *[rows_of(x, 1) for x in (out.attempt_tokens, out.attempt_logprobs,
+                                                  out.attempt_mask, out.attempt_lengths)])

@@ -1,14 +1,14 @@
 """A synthetic self-correction task that a tiny model learns on a CPU in minutes.
 
 Problems are sums of single digits, "3+9+4+7". A solution states its answer FIRST and then
-works it out as running sums:
+works it out, adding the first two terms at each step:
 
     #### 23
-    12 16 23
+    12+4+7 16+7 23
 
 (the first line is the final answer in GSM8K's `####` form, so rewards go through the same
 `rewards.math.check` path as MATH and GSM8K). Blurting the sum of up to `max_terms` digits in
-one go is hard for a small model; the running sums are easy. So a first attempt is often
+one go is hard for a small model; each step of the working is easy. So a first attempt is often
 wrong while its own working is right, and a second attempt that reads the first can fix it:
 correction is genuinely learnable.
 
@@ -36,23 +36,27 @@ INSTRUCTION = "check:\n"
 
 
 def solution(digits: Sequence[int], answer: int) -> str:
-  sums = np.cumsum(digits)[1:]
-  return f"#### {answer}\n" + " ".join(str(s) for s in sums)
+  """The answer line, then the working: each step adds the first two terms of the last."""
+  terms, steps = [int(d) for d in digits], []
+  while len(terms) > 1:
+    terms = [terms[0] + terms[1]] + terms[2:]
+    steps.append("+".join(str(t) for t in terms))
+  return f"#### {answer}\n" + " ".join(steps)
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ToyArithmetic(tasks.Task):
   """Digit sums with `min_terms`..`max_terms` terms; 1 problem in `test_every` is held out."""
-  min_terms: int = 2
+  min_terms: int = 3
   max_terms: int = 6
   num_train: int = 50_000
   num_test: int = 2_000
   test_every: int = 5
   seed: int = 0
   p_first_right: float = 0.6
-  p_copy: float = 0.6
-  p_fix: float = 0.25
+  p_copy: float = 0.7
+  p_fix: float = 0.15
 
   name = "toy_arithmetic"
   splits = ("train", "test")

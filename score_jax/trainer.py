@@ -25,7 +25,7 @@ from typing import Any, Optional
 from absl import logging
 import gin
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
@@ -127,7 +127,7 @@ class MetricsWriter:
       self._tb.close()
 
 
-def _sharded_state(state_shapes, model_cfg, mesh, rules):
+def state_shardings(state_shapes, model_cfg, mesh, rules):
   """NamedShardings for a TrainState (params, reference, optimizer moments, step)."""
   param_sh = partitioning.model_param_shardings(model_cfg, mesh, rules)
   return ts.TrainState(
@@ -198,15 +198,17 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
                                 temperature=cfg.temperature)
   init_fn = lambda p, r: ts.init_state(p, optimizer, r)
   state_shapes = jax.eval_shape(init_fn, policy.params, ref_params)
-  state_sh = _sharded_state(state_shapes, model_cfg, mesh, rules)
+  state_sh = state_shardings(state_shapes, model_cfg, mesh, rules)
   with partitioning.with_mesh_and_rules(mesh, rules):
-    state = jax.jit(init_fn, out_shardings=state_sh)(policy.params, ref_params)
+    # From host memory, so that every process lays out its shards of the global state.
+    state = jax.jit(init_fn, out_shardings=state_sh)(jax.device_get(policy.params),
+                                                     jax.device_get(ref_params))
     step_fn = jax.jit(ts.make_train_step(loss_fn, optimizer, cfg.num_micro_batches),
                       in_shardings=(state_sh, None), out_shardings=(state_sh, None),
                       donate_argnums=0)
     sampler = conv.make_sampler(model_cfg, num_attempts=cfg.num_attempts,
                                 max_new_tokens=cfg.max_new_tokens,
-                                max_prompt_len=cfg.max_prompt_len)
+                                max_prompt_len=cfg.max_prompt_len, mesh=mesh)
 
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                   keep=cfg.keep_checkpoints)
@@ -230,7 +232,8 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
       examples = next(data)
       if mode == "sft":
         np_rng = np.random.default_rng([cfg.seed, step])
-        batch = sft_batch(task, conv, examples, np_rng, sampler.total_len)
+        batch = partitioning.host_local_to_global(
+            sft_batch(task, conv, examples, np_rng, sampler.total_len), mesh)
         with partitioning.with_mesh_and_rules(mesh, rules):
           state, metrics = step_fn(state, batch)
         extra = {}
@@ -250,7 +253,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     writer.close()
     if pool is not None:
       pool.close()
-  params = jax.device_get(state.params)
+  params = multihost_utils.process_allgather(state.params, tiled=True)
   checkpoints.export_params(os.path.join(workdir, "export"), model_cfg, params,
                             policy.vocab_spec)
   ckpt.close()
@@ -264,16 +267,20 @@ def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh
     ro = rollout_lib.generate(conv, sampler, state.params, examples, rng, cfg.temperature,
                               cfg.samples_per_prompt)
     t_sampled = time.time()
-    rewards_future = rollout_lib.score(pool, task, ro)
-    batch = {"tokens": ro.output.tokens, "attempt": ro.output.attempt}
+    rewards_future = rollout_lib.score(pool, task, ro)  # Each host checks its own rows.
+    batch = partitioning.host_local_to_global(
+        {"tokens": ro.output.tokens, "attempt": ro.output.attempt}, mesh)
     # Dispatched asynchronously: the device computes while the host waits for the rewards.
     batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, cfg.temperature)(
         state.ref_params, batch["tokens"])
     t_dispatched = time.time()
-    batch["rewards"] = rewards_future.result()
+    batch["rewards"] = partitioning.host_local_to_global(rewards_future.result(), mesh)
     t_rewards = time.time()
     state, metrics = step_fn(state, batch)
-  extra = {"reward_wait_s": t_rewards - t_dispatched, "sample_s": t_sampled - t0}
+  # Host reward time left exposed: how long the host still waited after the device work
+  # was dispatched, out of the whole time the checks took.
+  extra = {"reward_wait_s": t_rewards - t_dispatched, "reward_s": rewards_future.compute_s,
+           "sample_s": t_sampled - t0}
   if cfg.num_attempts > 1:
     extra["edit_ratio"] = float(np.mean([evaluation.edit_ratio(t[0], t[1]) for t in ro.texts]))
   return metrics, extra, state

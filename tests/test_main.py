@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,3 +142,33 @@ def test_kill_9_then_restart_continues_with_same_data_order(tmp_path):
   expected = [trainer.batch_hash(next(it)) for _ in range(killed_at + 4)]
   for m in lines:
     assert m["batch_hash"] == expected[m["step"] - 1]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(*args):
+  """The same command in 2 JAX processes connected through a localhost coordinator."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "score_jax.main", "--distributed",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+       *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu")) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  return outs
+
+
+def test_multi_process_sft_then_stage1(tmp_path):
+  common = ["--gin_file=tasks/toy.gin", *TINY]
+  run_two_processes("--gin_file=sft.gin", f"--gin.WORKDIR='{tmp_path / 'base'}'", *common)
+  run_two_processes("--gin_file=stage1.gin", f"--gin.WORKDIR='{tmp_path / 'stage1'}'",
+                    f"--gin.BASE_WORKDIR='{tmp_path / 'base'}'", *common)
+  for stage, steps in (("base", 4), ("stage1", 2)):
+    assert read_jsonl(tmp_path / stage / "metrics.jsonl")[-1]["step"] == steps
+    assert (tmp_path / stage / "export" / "model_config.json").exists()

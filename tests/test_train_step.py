@@ -39,7 +39,7 @@ def stage2_step(num_micro_batches=1):
 def test_loss_at_start_equals_objective_on_sampler_logprobs(rollout):
   params, out, batch = rollout
   objective, step = stage2_step()
-  state = ts.init_state(params, optax.adam(1e-3))
+  state = ts.init_state(params, optax.adam(1e-3), params)
   new_state, metrics = step(state, batch)
   # Policy == reference at the start: KL is 0 and the loss is the objective on the sampler's
   # own log-probs.
@@ -61,8 +61,8 @@ def test_gradient_accumulation_matches_full_batch(rollout):
   doubled = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
   _, full = stage2_step(1)
   _, accum = stage2_step(2)
-  s1, m1 = full(ts.init_state(params, optax.adam(1e-3)), doubled)
-  s2, m2 = accum(ts.init_state(params, optax.adam(1e-3)), doubled)
+  s1, m1 = full(ts.init_state(params, optax.adam(1e-3), params), doubled)
+  s2, m2 = accum(ts.init_state(params, optax.adam(1e-3), params), doubled)
   np.testing.assert_allclose(m1["loss"], m2["loss"], atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s2.params)
 
@@ -77,3 +77,49 @@ def test_sft_loss_decreases_on_fixed_batch(rollout):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.5
+
+
+def _check_sharded_step_matches_one_device():
+  """Child process with 8 CPU devices: mesh (data, fsdp, tensor) = (2, 2, 2) vs one device."""
+  from score_jax import partitioning  # pylint: disable=g-import-not-at-top
+  from score_jax import trainer  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8
+  cfg = model_lib.tiny_config(vocab_size=24, num_heads=4, num_kv_heads=2)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  ref = jax.tree.map(lambda x: x * 1.01, params)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 24, (8, 20)).astype(np.int32)
+  attempt = np.zeros((8, 20), np.int32)
+  attempt[:, 6:12], attempt[:, 14:19] = 1, 2
+  batch = {"tokens": tokens, "attempt": attempt,
+           "rewards": rng.integers(0, 2, (8, 2)).astype(np.float32)}
+  batch["ref_logp"] = np.asarray(ts.reference_logprobs(ref, tokens, model_cfg=cfg,
+                                                       temperature=1.0))
+  objective = objectives.ObjectiveConfig(kind="stage2", n=2)
+  optimizer = optax.adam(1e-2)
+  loss_fn = functools.partial(ts.policy_loss, model_cfg=cfg, objective=objective,
+                              temperature=1.0)
+  step = ts.make_train_step(loss_fn, optimizer, num_micro_batches=2)
+
+  single, m1 = jax.jit(step)(ts.init_state(params, optimizer, ref), batch)
+
+  mesh = partitioning.make_mesh((2, 2, 2))
+  rules = partitioning.DEFAULT_RULES
+  init = lambda p, r: ts.init_state(p, optimizer, r)
+  shardings = trainer.state_shardings(jax.eval_shape(init, params, ref), cfg, mesh, rules)
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings.params))
+  batch_sh = partitioning.data_sharding(batch, mesh)
+  with partitioning.with_mesh_and_rules(mesh, rules):
+    state = jax.jit(init, out_shardings=shardings)(params, ref)
+    sharded, m8 = jax.jit(step, in_shardings=(shardings, batch_sh),
+                          out_shardings=(shardings, None), donate_argnums=0)(
+                              state, jax.device_put(batch, batch_sh))
+  np.testing.assert_allclose(m1["loss"], m8["loss"], atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), single.params,
+               jax.device_get(sharded.params))
+  assert sharded.params["embedding"].sharding.spec == shardings.params["embedding"].spec
+
+
+def test_sharded_train_step_matches_one_device():
+  from multidevice import run_with_devices  # pylint: disable=g-import-not-at-top
+  run_with_devices(8, _check_sharded_step_matches_one_device)
