@@ -19,6 +19,7 @@ from typing import Any, Optional
 import gin
 import jax
 
+from score_jax import chat
 from score_jax import checkpoints
 from score_jax import evaluation
 from score_jax import model as model_lib
@@ -34,22 +35,31 @@ UserError = trainer.UserError
 
 
 @gin.configurable
-def policy_source(model: str = "toy", chat_format: str = "plain") -> tuple[str, str]:
+def policy_source(model: str = "toy", chat_format: str = "auto") -> tuple[str, str]:
   """Where the starting model comes from when no `init_from` is given.
 
   model: "toy" (a small random model over the toy task's characters, `toy.model_config`),
     or any source `loading.load` accepts (a shipped name, a GGUF file, a HF directory).
-  chat_format: conversation format of real models (see chat.py).
+  chat_format: conversation format of real models: "gemma", "chatml", "plain" (see chat.py)
+    or "auto": the GGUF's own chat template where it has one, else "plain".
   """
   return model, chat_format
 
 
-def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary,
-                  chat_format: str) -> rollout_lib.Conversation:
+def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary, chat_format: str,
+                  source: str) -> rollout_lib.Conversation:
+  """The conversation format: the toy's own, a named one, or "auto" (the GGUF's template)."""
   if isinstance(task, toy.ToyArithmetic):
-    return rollout_lib.Conversation(task, vocab, toy.ToyFormat())
-  from score_jax import chat  # pylint: disable=g-import-not-at-top
-  return rollout_lib.Conversation(task, vocab, chat.get_format(chat_format))
+    return rollout_lib.Conversation(task, vocab, toy.FORMAT)
+  if chat_format != "auto":
+    return rollout_lib.Conversation(task, vocab, chat.get_format(chat_format))
+  from score_jax import loading  # pylint: disable=g-import-not-at-top
+  try:
+    path = source if source.endswith(".gguf") else loading.shipped_gguf(source)
+    fmt = chat.format_from_gguf(path)
+  except (ValueError, FileNotFoundError):  # No GGUF, or one without a chat template.
+    fmt = chat.get_format("plain")
+  return rollout_lib.Conversation(task, vocab, fmt)
 
 
 def _vocab_from_spec(spec: dict) -> vocab_lib.Vocabulary:
@@ -80,7 +90,8 @@ def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer
     from score_jax import loading  # pylint: disable=g-import-not-at-top
     model_cfg, params, vocab = loading.load(source)
     spec = {"kind": "source", "source": source}
-  return trainer.Policy(model_cfg, params, _conversation(task, vocab, chat_format), spec)
+  conv = _conversation(task, vocab, chat_format, spec.get("source", source))
+  return trainer.Policy(model_cfg, params, conv, spec)
 
 
 @gin.configurable

@@ -8,23 +8,14 @@ each attempt, and scoring attempts in the reward pool while the device does othe
 import concurrent.futures
 import dataclasses
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from score_jax import chat
 from score_jax import sampler as sampler_lib
 from score_jax import tasks
 from score_jax import vocab as vocab_lib
-
-
-class TurnFormat(Protocol):
-  """How a conversation is written: see chat.ChatFormat (real models) or toy.ToyFormat."""
-
-  def first_turn(self, user_text: str) -> str:
-    ...
-
-  def next_turn(self, user_text: str) -> str:
-    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +23,25 @@ class Conversation:
   """Token ids of the self-correction conversation for one task, vocabulary and format."""
   task: tasks.Task
   vocab: vocab_lib.Vocabulary
-  fmt: TurnFormat
+  fmt: chat.ChatFormat
+
+  @property
+  def stop_id(self) -> int:
+    """The token that ends an attempt."""
+    return chat.stop_token_id(self.fmt, self.vocab)
 
   def prompt_ids(self, example: tasks.Example) -> list[int]:
-    bos = [] if self.vocab.bos_id is None else [self.vocab.bos_id]
-    return bos + self.vocab.encode(self.fmt.first_turn(example.prompt))
+    return chat.first_turn_ids(self.fmt, self.vocab, example.prompt)
 
   def instruction_ids(self) -> list[int]:
-    return self.vocab.encode(self.fmt.next_turn(self.task.self_correction_instruction))
+    return chat.next_turn_ids(self.fmt, self.vocab, self.task.self_correction_instruction)
 
   def make_sampler(self, model_cfg, *, num_attempts: int, max_new_tokens: int,
                    max_prompt_len: int, **kwargs) -> sampler_lib.Sampler:
     return sampler_lib.Sampler(
         model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
         max_prompt_len=max_prompt_len, instruction=self.instruction_ids(),
-        eot_id=self.vocab.eot_id, pad_id=self.vocab.pad_id, **kwargs)
+        eot_id=self.stop_id, pad_id=self.vocab.pad_id, **kwargs)
 
   def decode_attempts(self, out: sampler_lib.SampleOutput) -> list[list[str]]:
     """Texts [B][K] of each attempt (the end-of-turn token dropped)."""

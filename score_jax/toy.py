@@ -27,12 +27,13 @@ from typing import Sequence
 import gin
 import numpy as np
 
+from score_jax import chat
 from score_jax import model as model_lib
 from score_jax import tasks
 from score_jax import vocab as vocab_lib
 
 ALPHABET = "0123456789+# \nchek:"
-INSTRUCTION = "check:\n"
+INSTRUCTION = "check:"
 
 
 def solution(digits: Sequence[int], answer: int) -> str:
@@ -56,7 +57,7 @@ class ToyArithmetic(tasks.Task):
   seed: int = 0
   p_first_right: float = 0.6
   p_copy: float = 0.7
-  p_fix: float = 0.15
+  p_fix: float = 0.3
 
   name = "toy_arithmetic"
   splits = ("train", "test")
@@ -122,11 +123,6 @@ def model_config(vocab_size: int, num_layers: int = 2, embed_dim: int = 128,
                                sliding_window=sliding_window)
 
 
-class ToyFormat:
-  """The toy's plain conversation: problem line, answer, instruction line, answer."""
-
-  def first_turn(self, user_text: str) -> str:
-    return user_text + "\n"
-
-  def next_turn(self, user_text: str) -> str:
-    return user_text
+# The toy's plain conversation: problem line, answer, instruction line, answer; each answer
+# ends with the vocabulary's EOS.
+FORMAT = chat.ChatFormat(name="toy", user_turn="{text}\n", after_answer="", stop_token=None)

@@ -34,14 +34,14 @@ class TrainState:
   step: Array
   params: Any
   opt_state: Any
-  ref_params: Any  # The frozen KL reference (the starting model); never updated.
+  ref_params: Any  # The frozen KL reference (the base model), never updated; None for SFT.
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation,
                ref_params: Any = None) -> TrainState:
+  """A fresh state; `ref_params` None for losses without a reference (SFT)."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params),
-                    ref_params=params if ref_params is None else ref_params)
+                    opt_state=optimizer.init(params), ref_params=ref_params)
 
 
 def _shifted_logits(model_cfg, params, tokens):

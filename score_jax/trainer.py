@@ -152,7 +152,7 @@ def batch_hash(examples) -> int:
 
 def sft_batch(task: tasks.Task, conv: rollout_lib.Conversation, examples, rng, length: int):
   """Token ids and attempt ids [B, length] of SFT transcripts (`task.sft_transcript`)."""
-  vocab, eot = conv.vocab, conv.vocab.eot_id
+  vocab, eot = conv.vocab, conv.stop_id
   tokens = np.full((len(examples), length), vocab.pad_id, np.int32)
   attempt = np.zeros_like(tokens)
   for b, ex in enumerate(examples):
