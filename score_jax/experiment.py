@@ -13,6 +13,7 @@ Each mode reads its gin bindings in a scope named after it, so one config can ho
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Optional
 
@@ -20,7 +21,6 @@ import gin
 import jax
 
 from score_jax import chat
-from score_jax import checkpoints
 from score_jax import evaluation
 from score_jax import model as model_lib
 from score_jax import objectives
@@ -62,13 +62,6 @@ def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary, chat_format: st
   return rollout_lib.Conversation(task, vocab, fmt)
 
 
-def _vocab_from_spec(spec: dict) -> vocab_lib.Vocabulary:
-  if spec["kind"] == "char":
-    return vocab_lib.CharVocab(spec["alphabet"])
-  from score_jax import loading  # pylint: disable=g-import-not-at-top
-  return loading.load(spec["source"])[2]
-
-
 def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer.Policy:
   """The policy exported under work dir `path` (its `export/`), or a fresh one."""
   source, chat_format = policy_source()
@@ -77,8 +70,10 @@ def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer
     if not os.path.isdir(export):
       raise UserError(f"no exported model in {path!r} (expected {export}/): run the "
                               "previous stage first, or fix experiment.init_from")
-    model_cfg, params, spec = checkpoints.load_export(export)
-    vocab = _vocab_from_spec(spec)
+    from score_jax import loading  # pylint: disable=g-import-not-at-top
+    model_cfg, params, vocab = loading.load(export)
+    with open(os.path.join(export, "vocab.json")) as f:
+      spec = json.load(f)
   elif source == "toy":
     if not isinstance(task, toy.ToyArithmetic):
       raise UserError("policy_source.model = 'toy' only works with the toy task")
@@ -116,7 +111,8 @@ def run_eval(workdir: str, task: tasks.Task, policy: trainer.Policy) -> dict[str
                                      max_new_tokens=run_cfg.max_new_tokens,
                                      max_prompt_len=run_cfg.max_prompt_len)
   with trainer.make_pool(run_cfg.reward_workers) as pool:
-    metrics, samples = evaluation.evaluate(policy.conv, sampler, policy.params, task,
+    metrics, samples = evaluation.evaluate(policy.conv, sampler, jax.device_put(policy.params),
+                                           task,
                                            examples, pool, batch_size=cfg["batch_size"])
   if jax.process_index() == 0:  # Every process evaluated every problem (see evaluate).
     evaluation.write_results(workdir, metrics, samples)

@@ -56,6 +56,7 @@ class RunConfig:
   samples_per_prompt: int = 4     # n of the RLOO baseline
   learning_rate: float = 1e-5
   warmup_steps: int = 0
+  cosine_decay: bool = False      # decay to lr / 10 at the last step (after the warmup)
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   temperature: float = 1.0        # sampling temperature of training rollouts
@@ -85,8 +86,14 @@ def make_pool(num_workers: int) -> pool_lib.RewardPool:
 
 
 def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-  lr = (optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
-        if cfg.warmup_steps else cfg.learning_rate)
+  if cfg.cosine_decay:
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                            max(cfg.steps, cfg.warmup_steps + 1),
+                                            cfg.learning_rate / 10)
+  elif cfg.warmup_steps:
+    lr = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  else:
+    lr = cfg.learning_rate
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(lr, weight_decay=cfg.weight_decay))
 
