@@ -20,7 +20,6 @@ from typing import Any, Optional
 import gin
 import jax
 
-from score_jax import chat
 from score_jax import evaluation
 from score_jax import model as model_lib
 from score_jax import objectives
@@ -48,18 +47,14 @@ def policy_source(model: str = "toy", chat_format: str = "auto") -> tuple[str, s
 
 def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary, chat_format: str,
                   source: str) -> rollout_lib.Conversation:
-  """The conversation format: the toy's own, a named one, or "auto" (the GGUF's template)."""
+  """The conversation format: the toy's own, or `loading.chat_format(chat_format, source)`."""
   if isinstance(task, toy.ToyArithmetic):
     return rollout_lib.Conversation(task, vocab, toy.FORMAT)
-  if chat_format != "auto":
-    return rollout_lib.Conversation(task, vocab, chat.get_format(chat_format))
   from score_jax import loading  # pylint: disable=g-import-not-at-top
   try:
-    path = source if source.endswith(".gguf") else loading.shipped_gguf(source)
-    fmt = chat.format_from_gguf(path)
-  except (ValueError, FileNotFoundError):  # No GGUF, or one without a chat template.
-    fmt = chat.get_format("plain")
-  return rollout_lib.Conversation(task, vocab, fmt)
+    return rollout_lib.Conversation(task, vocab, loading.chat_format(chat_format, source))
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer.Policy:

@@ -22,7 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gguf
 import jax
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 
+from score_jax import chat
 from score_jax import checkpoints
 from score_jax import model
 from score_jax import vocab as vocab_lib
@@ -99,6 +100,34 @@ def load(source: str, dtype: Any = jnp.float32
     raise ValueError(f"{source}: the vocabulary has {vocab.vocab_size} tokens but the model "
                      f"embeds only {cfg.vocab_size}")
   return cfg, params, vocab
+
+
+def gguf_path(source: str) -> Optional[str]:
+  """The GGUF file behind a `load` source, or None when it is not a GGUF."""
+  if not os.path.exists(source):
+    return shipped_gguf(source)
+  if os.path.isfile(source):
+    with open(source, "rb") as f:
+      if f.read(4) == b"GGUF":
+        return source
+  return None
+
+
+def chat_format(name: str, source: str) -> chat.ChatFormat:
+  """The chat format `name` ("gemma", "chatml", "plain"), or for "auto" the one the chat
+  template of `source`'s GGUF writes (plain when it is no GGUF or has no template)."""
+  if name != "auto":
+    return chat.get_format(name)
+  gguf_file = gguf_path(source)
+  key = "tokenizer.chat_template"
+  template = None if gguf_file is None else vocab_lib.read_gguf_metadata(
+      gguf_file, {key}).get(key)
+  if template is None:
+    return chat.get_format("plain")
+  try:
+    return chat.format_from_template(template)
+  except ValueError as e:
+    raise ValueError(f"{e}; pick the chat format gemma, chatml or plain") from None
 
 
 def save_params(directory: str, cfg: ModelConfig, params: Params, vocab_source: str) -> None:
