@@ -85,7 +85,8 @@ def run() -> None:
     try:
       main(args, gin_flag_bindings)
     except (experiment.UserError, checkpoints.CheckpointMismatchError) as e:
-      print(f"error: {e}", file=sys.stderr)
+      # gin appends "In call to configurable ..." lines: keep the message itself.
+      print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
       sys.exit(2)
 
   app.run(wrapped, argv=argv)

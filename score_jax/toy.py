@@ -14,7 +14,9 @@ correction is genuinely learnable.
 
 The SFT transcripts that make the base model (`sft_transcript`) show the two-turn format with
 imperfect behaviour, like a pretrained model's: the first answer is the true sum only with
-probability `p_first_right` (the working is always right); the second attempt repeats the first
+probability `p_first_right`, and on sums of `misconception_terms` terms or more it usually
+forgets the last term (a systematic error that greedy decoding keeps); the working is always
+right. The second attempt repeats the first
 (`p_copy`), states the sum of the working (`p_fix`) or guesses again (the rest). Greedy decoding
 of such a model repeats its first answer: before RL, attempt 2 does not help (Delta ~ 0).
 """
@@ -22,7 +24,7 @@ of such a model repeats its first answer: before RL, attempt 2 does not help (De
 import dataclasses
 import functools
 import zlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import gin
 import numpy as np
@@ -56,8 +58,9 @@ class ToyArithmetic(tasks.Task):
   test_every: int = 5
   seed: int = 0
   p_first_right: float = 0.6
-  p_copy: float = 0.7
-  p_fix: float = 0.3
+  misconception_terms: Optional[int] = 5
+  p_copy: float = 0.6
+  p_fix: float = 0.25
 
   name = "toy_arithmetic"
   splits = ("train", "test")
@@ -102,6 +105,9 @@ class ToyArithmetic(tasks.Task):
     total = sum(digits)
 
     def guess():
+      if self.misconception_terms and len(digits) >= self.misconception_terms:
+        # A systematic error on long sums: the last term is forgotten, more often than not.
+        return total if rng.random() > self.p_first_right else total - digits[-1]
       if rng.random() < self.p_first_right:
         return total
       return max(0, total + int(rng.choice([-3, -2, -1, 1, 2, 3])))

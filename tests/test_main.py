@@ -80,7 +80,7 @@ def test_each_mode_from_its_gin_file(pipeline_dir, tmp_path, mode):
     args.append(f"--gin.experiment.mode='{mode}'")
   if mode == "eval":
     args.append(f"--gin.MODEL_WORKDIR='{pipeline_dir / 'stage2'}'")
-  proc = run_main(*args, "--gin_bindings=eval_config.num_problems = 8")
+  proc = run_main(*args, "--gin.eval_config.num_problems=8")
   if mode == "eval":
     assert json.loads((tmp_path / "results.json").read_text())["n"] == 8
     assert "Acc@t1" in proc.stdout
