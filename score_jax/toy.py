@@ -58,9 +58,9 @@ class ToyArithmetic(tasks.Task):
   test_every: int = 5
   seed: int = 0
   p_first_right: float = 0.6
-  misconception_terms: Optional[int] = 5
-  p_copy: float = 0.6
-  p_fix: float = 0.25
+  misconception_terms: Optional[int] = 6
+  p_copy: float = 0.7
+  p_fix: float = 0.2
 
   name = "toy_arithmetic"
   splits = ("train", "test")
