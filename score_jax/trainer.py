@@ -159,15 +159,14 @@ def batch_hash(examples) -> int:
 
 def sft_batch(task: tasks.Task, conv: rollout_lib.Conversation, examples, rng, length: int):
   """Token ids and attempt ids [B, length] of SFT transcripts (`task.sft_transcript`)."""
-  vocab, eot = conv.vocab, conv.stop_id
+  vocab, eot, ins = conv.vocab, conv.stop_id, conv.instruction_ids()
   tokens = np.full((len(examples), length), vocab.pad_id, np.int32)
   attempt = np.zeros_like(tokens)
   for b, ex in enumerate(examples):
-    seq, att = list(conv.prompt_ids(ex)), None
+    seq = conv.prompt_ids(ex)
     att = [0] * len(seq)
     for k, text in enumerate(task.sft_transcript(ex, rng)):
       if k:
-        ins = conv.instruction_ids()
         seq, att = seq + ins, att + [0] * len(ins)
       ids = vocab.encode(text) + [eot]
       seq, att = seq + ids, att + [k + 1] * len(ids)
