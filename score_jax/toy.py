@@ -59,8 +59,8 @@ class ToyArithmetic(tasks.Task):
   seed: int = 0
   p_first_right: float = 0.6
   misconception_terms: Optional[int] = 6
-  p_copy: float = 0.7
-  p_fix: float = 0.2
+  p_copy: float = 0.8
+  p_fix: float = 0.15
 
   name = "toy_arithmetic"
   splits = ("train", "test")
