@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv
+.PHONY: demo test test-all test-seqio venv
 
 $(STAMP): setup.py requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The optional seqio / tensorflow-datasets extra, in its own environment (TensorFlow is large).
+test-seqio:
+	$(PYTHON) -m venv .venv-seqio
+	.venv-seqio/bin/python -m pip install -q -c requirements.txt -e '.[seqio,test]'
+	.venv-seqio/bin/python -m pytest -q tests/test_tasks.py -k "seqio or tfds"

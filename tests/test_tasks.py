@@ -275,3 +275,32 @@ def test_seqio_registers_tasks(tmp_path):
   dataset = seqio.get_mixture_or_task("t_jsonl").get_dataset(split="test", shuffle=False)
   record = next(dataset.as_numpy_iterator())
   assert record["reference"] == b"2" and record["id"] == b"jsonl/test/0"
+
+
+def test_tfds_builder_as_prompt_source(tmp_path):
+  """A TFDS dataset built locally (no download) read through seqio as a math task."""
+  pytest.importorskip("seqio")
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class TinyMathForTest(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples([("1+1", "#### 2"), ("2+3", "#### 5")]),
+              "test": self._generate_examples([("4+4", "#### 8")])}
+
+    def _generate_examples(self, rows):
+      for i, (question, answer) in enumerate(rows):
+        yield i, {"question": question, "answer": answer}
+
+  TinyMathForTest(data_dir=str(tmp_path)).download_and_prepare()
+  task = tasks.get("tfds", builder_name="tiny_math_for_test:1.0.0", problem_key="question",
+                   answer_key="answer", answer_format="gsm8k", data_dir=str(tmp_path))
+  train, test = task.examples("train"), task.examples("test")
+  assert [e.reference for e in train] == ["2", "5"] and [e.reference for e in test] == ["8"]
+  assert "Problem: 4+4" in test[0].prompt
+  assert task.reward("The final answer is $8$.", test[0]) == 1.0
