@@ -13,7 +13,6 @@ Each mode reads its gin bindings in a scope named after it, so one config can ho
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
@@ -67,8 +66,7 @@ def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer
                               "previous stage first, or fix experiment.init_from")
     from score_jax import loading  # pylint: disable=g-import-not-at-top
     model_cfg, params, vocab = loading.load(export)
-    with open(os.path.join(export, "vocab.json")) as f:
-      spec = json.load(f)
+    spec = loading.export_vocab_spec(export)
   elif source == "toy":
     if not isinstance(task, toy.ToyArithmetic):
       raise UserError("policy_source.model = 'toy' only works with the toy task")

@@ -27,7 +27,6 @@ import jax
 import numpy as np
 
 from score_jax import chat
-from score_jax import checkpoints
 from score_jax import loading
 from score_jax import model as model_lib
 from score_jax import sampler as sampler_lib
@@ -81,7 +80,7 @@ def load_model(model: str) -> LoadedModel:
   """Loads --model: a trainer export (or work dir holding one), or any `loading.load` source.
 
   Raises FileNotFoundError for a path that does not exist and is no shipped name, and what
-  `loading.load` / `checkpoints.load_export` raise for sources they cannot read.
+  `loading.load` raises for sources it cannot read.
   """
   if not os.path.exists(model):
     try:
@@ -90,15 +89,11 @@ def load_model(model: str) -> LoadedModel:
       raise FileNotFoundError(f"model {model!r} not found: no such file or directory, and no "
                               "shipped model of that name") from None
   export = _export_dir(model) if os.path.isdir(model) else None
+  cfg, params, vocab = loading.load(export or model)
   if export is None:
-    cfg, params, vocab = loading.load(model)
     return LoadedModel(cfg, params, vocab, model)
-  cfg, params, spec = checkpoints.load_export(export)
-  if spec.get("kind") == "char":
-    return LoadedModel(cfg, params, vocab_lib.CharVocab(spec["alphabet"]), None)
-  if spec.get("kind") == "source":
-    return LoadedModel(cfg, params, loading.load(spec["source"])[2], spec["source"])
-  raise ValueError(f"{export}: unknown vocabulary spec {spec!r}")
+  # The toy model's export has a character vocabulary and no source.
+  return LoadedModel(cfg, params, vocab, loading.export_vocab_spec(export).get("source"))
 
 
 def conversation_format(name: str, model: LoadedModel) -> chat.ChatFormat:

@@ -102,6 +102,13 @@ def load(source: str, dtype: Any = jnp.float32
   return cfg, params, vocab
 
 
+def export_vocab_spec(directory: str) -> dict[str, Any]:
+  """How an export's vocabulary is made: {"kind": "char", "alphabet": ...} or
+  {"kind": "source", "source": ...} (its vocab.json)."""
+  with open(os.path.join(directory, _EXPORT_VOCAB)) as f:
+    return json.load(f)
+
+
 def gguf_path(source: str) -> Optional[str]:
   """The GGUF file behind a `load` source, or None when it is not a GGUF."""
   if not os.path.exists(source):
@@ -186,8 +193,7 @@ def _vocab(source: str) -> vocab_lib.Vocabulary:
   if kind == "gguf":
     return vocab_lib.from_gguf(path)
   if kind == "export":
-    with open(os.path.join(path, _EXPORT_VOCAB)) as f:
-      spec = json.load(f)
+    spec = export_vocab_spec(path)
     if spec.get("kind") == "char":
       return vocab_lib.CharVocab(spec["alphabet"])
     if spec.get("kind") == "source":
