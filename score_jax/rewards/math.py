@@ -2,26 +2,42 @@
 
     check(response, reference) -> bool     e.g. check("... so $\\boxed{\\dfrac12}$.", "0.5")
 
-The answer of a response is, in order of priority: the last complete `\\boxed{...}` (nested
-braces allowed; also `\\fbox{...}` and `\\boxed 5`); the last final-answer phrase "The final
-answer is $X$" (or without dollars, up to the end of its line or "I hope it is correct");
-the last GSM8K answer line "#### X"; else the last number in the response.
+The reward is meant for RL, where a policy searches for whatever earns it: the answer is read
+only where the response states it as final, and exactly one answer is read.
+
+Final-answer markers are `\\boxed{...}` (nested braces allowed; also `\\fbox{...}` and
+`\\boxed 5`), the final-answer phrase of the prompts "The final answer is X" and the GSM8K
+answer line "#### X". The LAST marker of the response decides, whatever its kind (a second
+attempt may quote its first attempt's answer before stating a new one); markers inside a box
+do not count. After a phrase or "####" the answer is the rest of that line, without a closing
+"I hope it is correct" and trailing periods; a math group opened there (`$...$`, `$$...$$`,
+`\\(...\\)`, `\\[...\\]`, or one opening the next line) may run over several lines and the
+rest of the line after it stays part of the answer, so "The final answer is $3$ or $4$" reads
+"3 or 4" (equal to neither). A response whose last marker is empty, unclosed (a cut-off
+`\\boxed{` or `$`) or absent has no answer and earns nothing; answers written only in the
+working earn nothing either. `lenient=True` (a task option for weaker base models) falls back
+to the last number of the response when the last marker gives no answer.
 
 Equivalence: both sides are normalised (dollars, spaces, `\\text{}` around a whole answer,
-trailing units in `\\text{}`/`\\mbox{}`, degrees and percent signs, `\\left`/`\\right`, thin
-spaces, `\\dfrac`->`\\frac`, `\\frac12`->`\\frac{1}{2}`, thousands separators, a trailing
-period). Equal strings match; otherwise (for answers up to `_MAX_SYMBOLIC_LEN` characters)
-math-verify parses both and compares them as mathematical objects (2\\sqrt{2} = \\sqrt{8},
-sets, intervals, equations, ...). Numbers without variables are compared by value instead:
-exactly when both are rational, else to a relative `_RELATIVE_TOLERANCE` (0.5 = \\frac{1}{2});
-math-verify would round floats to 6 decimals (0.0000672 = 0.0000673) and chop tiny values
-(1/2004! = 1/2005!).
+trailing units in `\\text{}`/`\\mbox{}`, text (`\\text{}`, `\\mathbf{}`, ...) holding a digit
+read as math (math-verify drops trailing text as units, which would read "3 \\text{ (or 4)}" as
+3), degrees and percent signs, `\\left`/`\\right`, thin spaces, `\\dfrac`->`\\frac`,
+`\\frac12`->`\\frac{1}{2}`, thousands separators in valid groupings only ("12,345,678", not
+"1,23", "1, 234" or the pair "(1,234)"; every other comma is followed by one space, so that a
+list never reads as one number), a trailing period). Equal strings match; otherwise (for
+answers up to `_MAX_SYMBOLIC_LEN` characters) math-verify parses both and compares them as
+mathematical objects (2\\sqrt{2} = \\sqrt{8}, sets, intervals, equations, ...). Numbers
+without variables are compared by value instead: exactly when both are rational, else to a
+relative `_RELATIVE_TOLERANCE` (0.5 = \\frac{1}{2}); math-verify would round floats to 6
+decimals (0.0000672 = 0.0000673) and chop tiny values (1/2004! = 1/2005!). A list of
+candidates equals none of them ("1, 2, 3" is not 2; the tests hold a table of such tries).
 
-Time: math-verify bounds its work with SIGALRM, which Python allows only in the main thread.
-`check` sets one timer of its own for the whole check (math-verify's are turned off) when it
-runs in the main thread, as in a `pool.RewardPool` worker; elsewhere it runs without one. Work
-stuck inside C code (huge integer powers) is not interruptible by signals at all: the pool's
-per-check limit, which kills the worker, covers that.
+Time: extraction is linear in the response's length. math-verify bounds its work with SIGALRM,
+which Python allows only in the main thread. `check` sets one timer of its own for the whole
+check (math-verify's are turned off) when it runs in the main thread, as in a
+`pool.RewardPool` worker; elsewhere it runs without one. Work stuck inside C code (huge
+integer powers) is not interruptible by signals at all: the pool's per-check limit, which
+kills the worker, covers that.
 """
 
 import contextlib
@@ -36,17 +52,23 @@ import sympy
 
 _MAX_SYMBOLIC_LEN = 300   # longer answers (MATH references: <= 160) are compared as strings
 _RELATIVE_TOLERANCE = 1e-6
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)")
-_PHRASE_RE = re.compile(r"final answer is", re.IGNORECASE)
-_HOPE_RE = re.compile(r"\.?\s*I hope it is correct.*", re.IGNORECASE | re.DOTALL)
-_GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# Every final-answer marker: a box, the prompts' final-answer phrase, GSM8K's answer line.
+_MARKER_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|(?i:final answer is)|####")
+# Math groups an answer after a phrase or "####" may open with: opener -> closer.
+_BOX_TOKEN_RE = re.compile(r" +([^\s$]+)")  # \boxed 5
+_GROUPS = {"$$": "$$", "$": "$", "\\[": "\\]", "\\(": "\\)"}
+_HOPE_RE = re.compile(r"\s*I hope it is correct.*", re.IGNORECASE | re.DOTALL)
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _UNITS_RE = re.compile(r"(?<=\S)\\(?:text|mbox|mathrm)\{[^{}]*\}(?:\^\{?\d\}?)?$")
+# Text commands whose trailing groups math-verify drops as units.
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit)(?=\{)")
 _WRAPPED_TEXT_RE = re.compile(r"^\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}$")
 _FRAC_SHORT_RE = re.compile(r"\\frac(\d)(\d)")
 _FRAC_HALF_RE = re.compile(r"\\frac\{([^{}]*)\}(\d)")
 _SQRT_SHORT_RE = re.compile(r"\\sqrt(\d)")
-_THOUSANDS_RE = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
+# A number grouped by thousands, not inside a bracket or a list (where commas separate items).
+_THOUSANDS_RE = re.compile(r"(?<![\w.,(\[])(?<!\\\{)\d{1,3}(?:,\d{3})+(?![\w,)\]]|\\\})")
 _CHOICE_RE = re.compile(r"^\(([A-Z])\)$")
 _DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "^\\circ", "^{\\circ}",
             "\\circ", "\\%", "%", "\\$", "$")
@@ -67,15 +89,16 @@ for _name in ("math_verify.parser", "math_verify.grader"):
   logging.getLogger(_name).addFilter(_DropTimeoutWarning())
 
 
-def extract_answer(response: str) -> Optional[str]:
-  """The final answer written in `response` (see the module docstring), or None."""
+def extract_answer(response: str, lenient: bool = False) -> Optional[str]:
+  """The final answer of `response`: the last final-answer marker's (see the module
+  docstring); None when that marker is empty or unclosed, or there is none. `lenient`: the
+  last number of the response in those cases."""
   if not isinstance(response, str):
     return None
-  for extract in (_last_boxed, _last_phrase, _last_gsm8k, _last_number):
-    answer = extract(response)
-    if answer is not None:
-      return answer
-  return None
+  answer = _last_marker_answer(response)
+  if answer is None and lenient:
+    answer = _last_number(response)
+  return answer
 
 
 def answer_of_solution(solution: str) -> str:
@@ -88,34 +111,49 @@ def answer_of_solution(solution: str) -> str:
 
 def normalize(answer: str) -> str:
   """A canonical string for an answer (see the module docstring)."""
-  text = answer.strip()
+  text = _unwrap_digit_text(answer.strip())
   text = re.sub(r"\\[dt]frac", r"\\frac", text)
   text = _UNITS_RE.sub("", text.rstrip(" ."))
   for token in _DROPPED:
     text = text.replace(token, "")
-  text = "".join(text.split())
+  text = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", ""), text)
+  text = "".join(text.split()).replace(",", ", ")
   wrapped = _WRAPPED_TEXT_RE.match(text)
   if wrapped:
     text = wrapped.group(1)
   text = _FRAC_SHORT_RE.sub(r"\\frac{\1}{\2}", text)
   text = _FRAC_HALF_RE.sub(r"\\frac{\1}{\2}", text)
   text = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", text)
-  text = _THOUSANDS_RE.sub(lambda m: m.group(0).replace(",", ""), text)
   text = text.rstrip(".")
   choice = _CHOICE_RE.match(text)
   return choice.group(1) if choice else text
 
 
-def check(response: str, reference: str, timeout_s: float = 5.0) -> bool:
+def _unwrap_digit_text(text: str) -> str:
+  """`text` with each text group holding a digit replaced by its content."""
+  while True:
+    pieces, done = [], 0
+    for match in _TEXT_RE.finditer(text):
+      group = _braced(text, match.end()) if match.start() >= done else None
+      if group is not None and any(c.isdigit() for c in group[0]):
+        pieces += [text[done:match.start()], group[0]]
+        done = group[1]
+    if not pieces:
+      return text
+    text = "".join(pieces) + text[done:]
+
+
+def check(response: str, reference: str, timeout_s: float = 5.0, lenient: bool = False) -> bool:
   """Whether the final answer of `response` is equivalent to `reference` (a final answer,
-  e.g. "\\frac{1}{2}" or "18"). Never raises on garbage; False when time runs out."""
+  e.g. "\\frac{1}{2}" or "18"). Never raises on garbage; False when time runs out.
+  `lenient`: see `extract_answer`."""
   if not timeout_s > 0:
     raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
   try:
-    answer = extract_answer(response)
-    if answer is None or not isinstance(reference, str):
-      return False
     with _time_limit(timeout_s):
+      answer = extract_answer(response, lenient)
+      if answer is None or not isinstance(reference, str):
+        return False
       return _equivalent(normalize(answer), normalize(reference))
   except (Exception, _Timeout):  # pylint: disable=broad-except  (garbage in, False out)
     return False
@@ -192,34 +230,77 @@ def _braced(text: str, start: int) -> Optional[tuple[str, int]]:
   return None
 
 
+def _box(text: str, start: int) -> Optional[tuple[str, int]]:
+  """(answer, end) of the box whose name ends at text[start]: the content of `\\boxed{...}`
+  or the token of `\\boxed 5`, possibly empty; None when unclosed or not a box."""
+  if text.startswith("{", start):
+    return _braced(text, start)
+  token = _BOX_TOKEN_RE.match(text, start)
+  return (token.group(1).rstrip("."), token.end()) if token else None
+
+
 def _last_boxed(text: str) -> Optional[str]:
+  """The content of the last complete box of `text` (possibly empty), or None."""
   for match in reversed(list(_BOX_RE.finditer(text))):
-    rest = match.end()
-    if rest < len(text) and text[rest] == "{":
-      group = _braced(text, rest)
-      if group is not None:
-        return group[0].strip()
-    elif rest < len(text) and text[rest] == " ":
-      token = text[rest:].split(None, 1)
-      if token:
-        return token[0].split("$", 1)[0].rstrip(".")
+    box = _box(text, match.end())
+    if box is not None:
+      return box[0].strip()
   return None
 
 
-def _last_phrase(text: str) -> Optional[str]:
-  matches = list(_PHRASE_RE.finditer(text))
-  if not matches:
-    return None
-  rest = text[matches[-1].end():].lstrip(" \t:")
-  if rest.startswith("$"):
-    delimiter = "$$" if rest.startswith("$$") else "$"
-    body = rest[len(delimiter):]
-    end = _unescaped(body, delimiter)
-    answer = body if end is None else body[:end]
-  else:
-    answer = rest.split("\n", 1)[0]
-  answer = _HOPE_RE.sub("", answer).strip().rstrip(".").strip()
+def _line_answer(text: str, start: int) -> Optional[str]:
+  """The answer after a final-answer phrase or "####" ending at text[start] (see the module
+  docstring), or None when it or its math group is empty, or the group is unclosed."""
+  rest = text[start:].lstrip(" \t:")
+  if rest.startswith(("\n", "\r")):  # A math group may open the next line; nothing else.
+    rest = rest.lstrip()
+    if not rest.startswith(tuple(_GROUPS)):
+      return None
+  answer = ""
+  opener = next((o for o in _GROUPS if rest.startswith(o)), None)
+  if opener is not None:
+    body = rest[len(opener):]
+    end = _unescaped(body, _GROUPS[opener])
+    if end is None or not body[:end].strip():
+      return None
+    answer, rest = body[:end], body[end + len(_GROUPS[opener]):]
+  answer += rest.split("\n", 1)[0]
+  answer = _HOPE_RE.sub("", answer).strip().rstrip(" .,;").strip()
   return answer or None
+
+
+def _brace_ends(text: str) -> dict[int, int]:
+  """For each "{" of `text` that is closed, its index -> the index after its "}" (one pass;
+  escaped braces do not count, as in `_braced`)."""
+  ends, stack, i = {}, [], 0
+  while i < len(text):
+    c = text[i]
+    if c == "\\":
+      i += 1
+    elif c == "{":
+      stack.append(i)
+    elif c == "}" and stack:
+      ends[stack.pop()] = i + 1
+    i += 1
+  return ends
+
+
+def _last_marker_answer(text: str) -> Optional[str]:
+  """The answer of the last final-answer marker of `text` that is not inside a complete box;
+  None when there is none or its answer is empty or unclosed. Linear in len(text)."""
+  brace_ends = _brace_ends(text)
+  last, boxed_until = None, 0
+  for match in _MARKER_RE.finditer(text):
+    if match.start() >= boxed_until:
+      last = match
+      if match.group(0)[0] == "\\":
+        boxed_until = brace_ends.get(match.end(), 0)
+  if last is None:
+    return None
+  if last.group(0)[0] == "\\":
+    box = _box(text, last.end())
+    return (box[0].strip() or None) if box else None
+  return _line_answer(text, last.end())
 
 
 def _unescaped(text: str, delimiter: str) -> Optional[int]:
@@ -228,13 +309,6 @@ def _unescaped(text: str, delimiter: str) -> Optional[int]:
   while i > 0 and text[i - 1] == "\\":
     i = text.find(delimiter, i + 1)
   return None if i < 0 else i
-
-
-def _last_gsm8k(text: str) -> Optional[str]:
-  matches = _GSM8K_RE.findall(text)
-  if not matches or not matches[-1].strip():
-    return None
-  return matches[-1].strip().rstrip(".")
 
 
 def _last_number(text: str) -> Optional[str]:
