@@ -3,12 +3,17 @@
 Shared by the trainer and the evaluation. The device part is `sampler.Sampler`; this module is
 the host side around it: building the conversation's token ids from a task's text, decoding
 each attempt, and scoring attempts in the reward pool while the device does other work.
+
+Truncated attempts. An attempt that reaches `max_new_tokens` without its stop token was cut
+off; its text may still hold a final answer (a box written before rambling on, or the toy
+task's answer line, which comes first). `score` gives such attempts `truncated_reward`
+(default 0) without checking them, so a policy cannot earn reward by never finishing.
 """
 
 import concurrent.futures
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -49,12 +54,19 @@ class Conversation:
     return [[self.vocab.decode(toks[k, b][mask[k, b]].tolist()) for k in range(toks.shape[0])]
             for b in range(toks.shape[1])]
 
+  def truncated(self, out: sampler_lib.SampleOutput) -> np.ndarray:
+    """bool [B, K]: whether each attempt was cut at N tokens (all N used, the last of them not
+    the stop token)."""
+    toks, lengths = np.asarray(out.attempt_tokens), np.asarray(out.attempt_lengths)
+    return ((lengths == toks.shape[2]) & (toks[:, :, -1] != self.stop_id)).T
+
 
 @dataclasses.dataclass
 class Rollout:
   examples: list[tasks.Example]   # [B] (each prompt repeated n times, contiguous)
   output: sampler_lib.SampleOutput
   texts: list[list[str]]          # [B][K]
+  truncated: np.ndarray           # bool [B, K] (see `Conversation.truncated`)
 
 
 def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
@@ -63,17 +75,30 @@ def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
   """Samples every attempt for each example, `samples_per_prompt` times (rows contiguous)."""
   repeated = [e for e in examples for _ in range(samples_per_prompt)]
   out = sampler(params, [conv.prompt_ids(e) for e in repeated], rng, temperature)
-  return Rollout(repeated, out, conv.decode_attempts(out))
+  return Rollout(repeated, out, conv.decode_attempts(out), conv.truncated(out))
 
 
-def score(pool: Any, task: tasks.Task, rollout: Rollout) -> concurrent.futures.Future:
-  """Submits every attempt's reward check; the future's result is float32 [B, K].
+def score(pool: Any, task: tasks.Task, rollout: Rollout,
+          truncated_reward: Optional[float] = 0.0) -> concurrent.futures.Future:
+  """Submits the reward check of every attempt; the future's result is float32 [B, K].
+
+  Args:
+    pool: a `rewards.pool.RewardPool` (anything with its `submit`).
+    task: the task whose `reward_call` scores an attempt's text.
+    rollout: the attempts.
+    truncated_reward: the reward of each truncated attempt (`rollout.truncated`), given
+      without a check; None checks truncated attempts like the others.
 
   The future also carries `compute_s`: seconds from submission until the last check finished.
   """
-  calls = [task.reward_call(text, ex) for ex, texts in zip(rollout.examples, rollout.texts)
-           for text in texts]
-  num_attempts = len(rollout.texts[0])
+  if truncated_reward is not None and not np.isfinite(truncated_reward):
+    raise ValueError(f"truncated_reward must be a finite number or None, got {truncated_reward}")
+  shape = rollout.truncated.shape
+  given = (np.zeros(shape, bool) if truncated_reward is None
+           else np.asarray(rollout.truncated, bool))
+  calls = [task.reward_call(text, ex)
+           for b, (ex, texts) in enumerate(zip(rollout.examples, rollout.texts))
+           for k, text in enumerate(texts) if not given[b, k]]
   start = time.time()
   inner = pool.submit(calls)
   outer: concurrent.futures.Future = concurrent.futures.Future()
@@ -81,7 +106,9 @@ def score(pool: Any, task: tasks.Task, rollout: Rollout) -> concurrent.futures.F
   def done(f):
     outer.compute_s = time.time() - start
     try:
-      outer.set_result(np.asarray(f.result(), np.float32).reshape(-1, num_attempts))
+      rewards = np.full(shape, truncated_reward or 0.0, np.float32)
+      rewards[~given] = np.asarray(f.result(), np.float32)
+      outer.set_result(rewards)
     except Exception as e:  # pylint: disable=broad-except
       outer.set_exception(e)
 
