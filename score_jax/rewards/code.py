@@ -33,20 +33,61 @@ a pipe the program can write to but not read) starts with the nonce, so the prog
 forge one; the "pass" line is written only after the tests' code has returned normally, and
 only by the harness's own process (not by a fork of it, which could otherwise pursue
 whichever branch passes). So `sys.exit(0)` or `os._exit(0)` before or during the tests, a
-killed or crashed process, or forged output all fail. The harness keeps its own references
-to what it needs (`exec`, `os.write`, and a copy of the builtins taken before the program
-runs, which the tests then use: a program that replaces `abs` or `AssertionError` does not
-change the tests; `assert` raises the real AssertionError whatever the builtins say). The
-nonce is a local variable of the harness; the ways to its frame or memory are closed: the
-audit hook (which Python lets no one remove) refuses `sys._getframe`, traceback and
-generator frames, tracing and profiling, `gc` object walks, ctypes, /proc/*/mem and links,
-and exec; seccomp refuses signal handlers (which receive the running frame) and exec.
+killed or crashed process, an atexit handler, or forged output all fail. The harness keeps
+its own references to what it needs (`exec`, `os.write`, ...; `assert` raises the real
+AssertionError whatever the builtins say). The nonce is a local variable of the harness;
+the ways to its frame or memory are closed: the audit hook (which Python lets no one
+remove) refuses `sys._getframe`, traceback and generator frames, tracing and profiling,
+`gc` object walks, ctypes, /proc/*/mem and links, and exec; seccomp refuses signal
+handlers (which receive the running frame) and exec. The hook also refuses audit hooks of
+the program's, which would be handed the tests' code (and so their expected values).
 
-Not covered, as no sandbox can: tests made vacuous by pure Python means (objects whose
-`__eq__` is always true, functions replaced in modules the tests import).
+Tests the program cannot make vacuous. The tests are trusted; all the program makes is not.
+Before the program runs, the harness compiles the tests (`_prepare_tests`) and prepares the
+namespace they will run in (`_make_test_environment`), binding all it uses then:
+
+* Values from the program are plain data. Each callable the program defines reaches the
+  tests wrapped: its result must be made of exact builtin types (None, bool, int, float,
+  complex, str, bytes, bytearray, range, builtin classes; list, tuple, set, frozenset, dict,
+  nested), so no object with the program's `__eq__`, `__ne__`, `__bool__`, `__sub__`,
+  `__class__`, ... (nor a subclass of int, str, ... with them) reaches the tests, at any
+  depth; and the tests get a deep copy of it, which the program cannot change afterwards
+  (say from a gc callback that runs between the check and the comparison). An exact
+  Counter, OrderedDict or defaultdict becomes a dict with the same items (MBPP compares them
+  with dicts). A record class (class attributes that are atoms, no special methods but
+  `__init__`, `__repr__`, `__str__`) may return its instances: MBPP's tests build
+  `Pair(5, 24)` and `Node(1)` trees with the program's classes and pass them back to it.
+* Asserts are strict: the tests' asserts are rewritten (`ast`) so that every operand of a
+  comparison other than `is`, and every value tested for truth, is replaced by such a plain
+  copy (or fails); then `==`, `<`, `in` and truth are the interpreter's own. Numbers
+  compare by value as Python does (5 == 5.0, True == 1): canonical solutions return 2.0
+  where the tests write 2.
+* The tests' names are their own. They run in a namespace separate from the program's (a
+  program that writes its globals, or `check` in its module, changes nothing they see), with
+  the builtins as they were before the program ran, and modules copied then: the tests'
+  `import math`, or the program's `math` that MBPP's tests use, gives that copy, so the
+  program's `math.isclose = ...` or fake `sys.modules["math"]` does not reach them. A program
+  name that shadows a builtin or a module (`abs = ...`, `math = ...`) is hidden from the
+  tests, unless they use it only as the function under test (`assert sum(10, 15) == 6`).
+* No thread of the program may run once the tests start (checked after each call into it).
+* A program that exits, raises SystemExit or KeyboardInterrupt (from `__eq__` or elsewhere),
+  or exits from a finalizer fails, by the status design above.
+
+Not covered: standard-library code written in Python still reads state shared with the
+program (the real builtins, module globals, class attributes), so tests that themselves use
+e.g. `copy.deepcopy`, `random.Random` or `Counter.__eq__` can be misled (MBPP and HumanEval
+tests use such code only to make inputs); tests that hand their own functions or objects to
+the program expose their namespace; arithmetic in the tests on attributes of record
+instances is not checked (only comparisons are); HumanEval's tests call helpers of the
+prompt (`poly`, `encode_cyclic`), which the program may redefine. Plain data excludes
+Fraction, Decimal, namedtuples, generators, ...: a program returning one fails, and the tests
+get copies (`f(x) is x` does not hold).
 """
 
+import _thread
+import ast
 import builtins
+import collections
 import dataclasses
 import json
 import math
@@ -87,9 +128,10 @@ _SECCOMP_SYSCALLS = {"x86_64": (0xC000003E, (13, 59, 322)),
 _SECCOMP_MODE_FILTER, _SECCOMP_RET_ALLOW, _SECCOMP_RET_EPERM = 2, 0x7FFF0000, 0x00050001
 _BPF_LOAD_WORD, _BPF_JUMP_IF_EQUAL, _BPF_RETURN = 0x20, 0x15, 0x06
 
-# Audit events the harness refuses once the program runs (see the module docstring).
+# Audit events the harness refuses once the program runs (see the module docstring). Audit
+# hooks of the program's own would see the tests' code object (the "exec" event).
 _FRAME_EVENTS = frozenset({
-    "sys._current_frames", "sys.settrace", "sys.setprofile",
+    "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
     "gc.get_objects", "gc.get_referrers", "gc.get_referents", "os.symlink", "os.link"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 _REFUSED_PREFIXES = (
@@ -98,6 +140,12 @@ _REFUSED_PREFIXES = (
 # Modules that read or run outside the hook's view: raw memory, sub-interpreters (which have
 # no hook), CPython's test helpers.
 _REFUSED_MODULES = ("ctypes", "_ctypes", "_xxsubinterpreters", "_xxinterpchannels", "_test")
+
+# The tests' name of the check that a value is plain data (a dunder: never name-mangled).
+_PLAIN_CHECK = "__score_jax_plain__"
+# What a record class (see the module docstring) may define besides plain class attributes.
+_RECORD_DUNDERS = frozenset({"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
+                             "__slots__", "__annotations__", "__init__", "__repr__", "__str__"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,6 +525,227 @@ def _make_guard(contained: bool) -> Callable[[str, tuple[Any, ...]], None]:
   return guard
 
 
+def _prepare_tests(source: str) -> tuple[types.CodeType, frozenset[str], list[str]]:
+  """Compiles the tests with strict asserts (see the module docstring).
+
+  Returns the code, the names the tests use only as the subject of an assert
+  (`_subject_names`) and the top-level modules the tests import.
+  """
+  tree = ast.parse(source, "tests.py")
+  subjects = _subject_names(tree)
+  modules = {alias.name.partition(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.Import) for alias in node.names}
+  modules |= {node.module.partition(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+  tree = ast.fix_missing_locations(_StrictAsserts().visit(tree))
+  return compile(tree, "tests.py", "exec", dont_inherit=True), subjects, sorted(modules)
+
+
+def _subject_names(tree: ast.AST) -> frozenset[str]:
+  """Names the tests use only as the callee of an assert holding no other call, and never
+  bind: the function under test of MBPP's `assert sum(10, 15) == 6`. Only these names may
+  take a builtin's or a module's name in the program (see `_make_test_environment`)."""
+  subjects = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Assert):
+      calls = [n for n in ast.walk(node.test) if isinstance(n, ast.Call)]
+      if len(calls) == 1 and isinstance(calls[0].func, ast.Name):
+        subjects.add(id(calls[0].func))
+  as_subject, otherwise, bound = set(), set(), set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Name):
+      if not isinstance(node.ctx, ast.Load):
+        bound.add(node.id)
+      else:
+        (as_subject if id(node) in subjects else otherwise).add(node.id)
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      bound.add(node.name)
+    elif isinstance(node, ast.arg):
+      bound.add(node.arg)
+    elif isinstance(node, ast.alias):
+      bound.add((node.asname or node.name).partition(".")[0])
+    elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+      bound.add(node.name)
+    elif isinstance(node, (ast.Global, ast.Nonlocal)):
+      bound.update(node.names)
+  return frozenset(as_subject - otherwise - bound)
+
+
+class _StrictAsserts(ast.NodeTransformer):
+  """Makes every value an assert compares or tests for truth pass the plain-data check."""
+
+  def visit_Assert(self, node: ast.Assert) -> ast.Assert:
+    node.test = self._truth(_CheckedOperands().visit(node.test))
+    return node
+
+  def _truth(self, node: ast.expr) -> ast.expr:
+    if isinstance(node, ast.BoolOp):
+      node.values = [self._truth(v) for v in node.values]
+      return node
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+      node.operand = self._truth(node.operand)
+      return node
+    if isinstance(node, ast.Compare):
+      return node  # Its operands are checked; it gives a bool.
+    return _checked(node)
+
+
+class _CheckedOperands(ast.NodeTransformer):
+  """Checks the operands of every comparison but identity (`is`, `is not`)."""
+
+  def visit_Compare(self, node: ast.Compare) -> ast.Compare:
+    self.generic_visit(node)
+    by_value = [not isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops]
+    operands = [node.left] + node.comparators
+    # An operand is checked when a comparison next to it (chains: `a < b is c`) is by value.
+    operands = [_checked(o) if (i > 0 and by_value[i - 1]) or (i < len(by_value) and by_value[i])
+                else o for i, o in enumerate(operands)]
+    node.left, node.comparators = operands[0], operands[1:]
+    return node
+
+
+def _checked(node: ast.expr) -> ast.expr:
+  return ast.copy_location(
+      ast.Call(func=ast.Name(id=_PLAIN_CHECK, ctx=ast.Load()), args=[node], keywords=[]), node)
+
+
+def _make_test_environment(
+    modules: list[str], subjects: frozenset[str]) -> Callable[[dict[str, Any]], dict]:
+  """Returns `namespace(program_namespace) -> the tests' namespace` (module docstring).
+
+  Called before the program runs: everything the returned functions use is bound here, and
+  the modules the tests import are imported and copied here, while they are pristine.
+  """
+  for name in modules:
+    if not name.startswith(_REFUSED_MODULES):
+      try:
+        __import__(name)
+      except BaseException:  # pylint: disable=broad-except  (the tests' own import will fail)
+        pass
+  copies, originals = {}, {}
+  for name, module in list(sys.modules.items()):
+    if isinstance(module, types.ModuleType):
+      copies[name] = types.ModuleType(name)
+      vars(copies[name]).update(vars(module))
+      originals[id(module)] = (module, name)
+  module_type, type_, id_, str_, dict_, callable_ = (
+      types.ModuleType, type, id, str, dict, callable)
+  object_, assertion_error, thread_count = object, AssertionError, _thread._count
+  real_import = builtins.__import__
+  mro_of, vars_of = type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__
+  name_of = type.__dict__["__name__"].__get__
+  items_of, proxy_items_of = dict.items, type(type.__dict__).items
+  list_, tuple_, set_, frozenset_, bytearray_ = list, tuple, set, frozenset, bytearray
+  append, set_add = list.append, set.add
+  record_dunders, plain_check = _RECORD_DUNDERS, _PLAIN_CHECK
+  atoms = {id(t) for t in (type(None), bool, int, float, complex, str, bytes, range)}
+  # Builtin classes (`type(f(x)) == int`): immutable, equal only to themselves.
+  classes = {id(v) for v in vars(builtins).values() if type(v) is type}
+  dicts = {id(t) for t in (dict, collections.Counter, collections.OrderedDict,
+                           collections.defaultdict)}
+  building = object()  # memo entry of a tuple or frozenset whose copy is not made yet
+
+  def import_(name, globals_=None, locals_=None, fromlist=(), level=0):
+    """The tests' import: the copy made before the program ran, where there is one."""
+    module = real_import(name, globals_, locals_, fromlist, level)
+    return copies.get(name if fromlist else name.partition(".")[0], module)
+
+  def plain_copy(value: Any, memo: dict[int, Any]) -> Any:
+    """A deep copy of `value` made of exact builtin types only (a Counter, OrderedDict or
+    defaultdict becomes a dict); raises AssertionError if `value` holds anything else. The
+    copy is new, so the program cannot change it afterwards (from a finalizer, say)."""
+    kind = id_(type_(value))
+    if kind in atoms or (type_(value) is type_ and id_(value) in classes):
+      return value
+    copy = memo.get(id_(value))
+    if copy is building:
+      raise assertion_error("plain data with a cycle through a tuple")
+    if copy is not None:
+      return copy
+    if type_(value) is list_:
+      memo[id_(value)] = copy = []
+      for item in value:
+        append(copy, plain_copy(item, memo))
+    elif kind in dicts:
+      memo[id_(value)] = copy = {}
+      for key, item in items_of(value):
+        copy[plain_copy(key, memo)] = plain_copy(item, memo)
+    elif type_(value) is set_:
+      memo[id_(value)] = copy = set_()
+      for item in value:
+        set_add(copy, plain_copy(item, memo))
+    elif type_(value) is tuple_ or type_(value) is frozenset_:
+      memo[id_(value)] = building
+      copy = type_(value)([plain_copy(item, memo) for item in value])
+      memo[id_(value)] = copy
+    elif type_(value) is bytearray_:
+      memo[id_(value)] = copy = bytearray_(value)
+    else:
+      raise assertion_error(f"not plain data: a {name_of(type_(value))}")
+    return copy
+
+  def record(cls: Any) -> bool:
+    """Whether `cls` is a record class: class attributes that are atoms, no special methods
+    but __init__, __repr__ and __str__, `type` as metaclass, no base but record classes."""
+    if type_(cls) is not type_:
+      return False
+    for klass in mro_of(cls):
+      if klass is object_:
+        continue
+      if type_(klass) is not type_:
+        return False
+      for name, value in proxy_items_of(vars_of(klass)):
+        if type_(name) is not str_:
+          return False
+        if name not in record_dunders and (
+            (name[:2] == "__" and name[-2:] == "__") or id_(type_(value)) not in atoms):
+          return False
+    return True
+
+  def require(value: Any) -> Any:
+    """What the tests compare or test for truth: a plain copy of `value`."""
+    return plain_copy(value, {})
+
+  def guarded(fn: Any) -> Callable[..., Any]:
+    """`fn` giving plain copies of its results (a record class: its instances)."""
+    is_class = type_(fn) is type_
+
+    def call(*args, **kwargs):
+      result = fn(*args, **kwargs)
+      if thread_count():
+        raise assertion_error("a thread of the program is running")
+      if is_class and type_(result) is fn and record(fn):
+        return result
+      return plain_copy(result, {})
+
+    return call
+
+  test_builtins = dict(vars(builtins))
+  test_builtins["__import__"] = import_
+
+  def namespace(program: dict[str, Any]) -> dict[str, Any]:
+    if thread_count():
+      raise assertion_error("a thread of the program is running")
+    tests = {"__builtins__": test_builtins, "__name__": "tests", plain_check: require}
+    for name, value in list(items_of(program)):
+      if type_(name) is not str_ or (name[:2] == "__" and name[-2:] == "__"):
+        continue
+      if name not in subjects and (name in test_builtins or name in copies):
+        if name in copies:
+          tests[name] = copies[name]
+        continue
+      original = originals.get(id_(value))
+      if original is not None and original[0] is value:
+        tests[name] = copies[original[1]]
+      elif callable_(value):
+        tests[name] = guarded(value)
+      else:
+        tests[name] = value
+    return tests
+
+  return namespace
+
+
 def _harness(status_fd: int, layers: list[str]) -> NoReturn:
   """Runs the program, then the tests; writes the nonce only if the tests' code returned."""
   write, exit_, run, base_exception, getpid = os.write, os._exit, exec, BaseException, os.getpid
@@ -498,26 +767,28 @@ def _harness(status_fd: int, layers: list[str]) -> NoReturn:
       pass
 
   report("isolation " + ",".join(layers))
-  compiled = []
-  for phase in ("program", "tests"):
-    try:
-      compiled.append((phase, compile(payload[phase], f"{phase}.py", "exec", dont_inherit=True)))
-    except base_exception as e:  # pylint: disable=broad-except
-      report(f"error {phase} {type(e).__name__}")
-      exit_(1)
+  phase = "program"
+  try:
+    program = compile(payload["program"], "program.py", "exec", dont_inherit=True)
+    phase = "tests"
+    tests, subjects, modules = _prepare_tests(payload["tests"])
+    tests_namespace = _make_test_environment(modules, subjects)
+  except base_exception as e:  # pylint: disable=broad-except
+    report(f"error {phase} {type(e).__name__}")
+    exit_(1)
   del payload
-  test_builtins = dict(vars(builtins))
   module = types.ModuleType("solution")
   sys.modules["solution"] = module
   namespace = module.__dict__
   contained = "net" in layers and ("pid" in layers or "uid" in layers)
   sys.addaudithook(_make_guard(contained))
-  for phase, bytecode in compiled:
+  for phase in ("program", "tests"):
     report(f"phase {phase}")
-    if phase == "tests":
-      namespace["__builtins__"] = test_builtins
     try:
-      run(bytecode, namespace)
+      if phase == "program":
+        run(program, namespace)
+      else:
+        run(tests, tests_namespace(namespace))
     except base_exception as e:  # pylint: disable=broad-except
       _flush_stdio()
       report(f"error {phase} {_exception_name(e)}")
