@@ -84,7 +84,7 @@ def write_results(directory: str, metrics: Mapping[str, float], samples: Sequenc
 
 
 def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
-             num_attempts_shown: int = 2, rng=None, temperature: float = 0.0,
+             num_attempts_shown: int = 2, rng=None, method=None,
              progress: bool = True) -> tuple[dict[str, float], list[dict]]:
   """Greedy (by default) multi-attempt rollouts on `examples`; the paper's metrics.
 
@@ -94,6 +94,8 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from score_jax import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  from score_jax import sampling  # pylint: disable=g-import-not-at-top
+  method = sampling.Greedy() if method is None else method
   rng = jax.random.PRNGKey(0) if rng is None else rng
   rewards, texts, samples = [], [], []
   t0 = time.time()
@@ -101,7 +103,7 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     ro = rollout_lib.generate(conv, sampler, params, chunk, jax.random.fold_in(rng, start),
-                              temperature)
+                              method)
     future = rollout_lib.score(pool, task, ro)
     if pending is not None:  # Rewards of the previous chunk were checked meanwhile.
       _collect(pending, rewards, texts, samples)

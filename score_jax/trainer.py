@@ -36,6 +36,7 @@ from score_jax import model as model_lib
 from score_jax import objectives
 from score_jax import partitioning
 from score_jax import rollout as rollout_lib
+from score_jax import sampling
 from score_jax import tasks
 from score_jax import train_step as ts
 from score_jax.rewards import pool as pool_lib
@@ -60,6 +61,9 @@ class RunConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   temperature: float = 1.0        # sampling temperature of training rollouts
+  top_k: Optional[int] = None     # optional truncations of the rollout distribution (the
+  top_p: Optional[float] = None   # trained log-probs are those of the truncated one)
+  min_p: Optional[float] = None
   num_attempts: int = 2
   max_new_tokens: int = 64
   max_prompt_len: int = 128
@@ -201,7 +205,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     if objective.kind != mode:
       raise UserError(f"mode {mode!r} but the gin objective kind is {objective.kind!r}")
     loss_fn = functools.partial(ts.policy_loss, model_cfg=model_cfg, objective=objective,
-                                temperature=cfg.temperature)
+                                method=sampling_method(cfg))
   init_fn = lambda p, r: ts.init_state(p, optimizer, r)
   state_shapes = jax.eval_shape(init_fn, policy.params, ref_params)
   state_sh = state_shardings(state_shapes, model_cfg, mesh, rules)
@@ -270,14 +274,14 @@ def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh
   """One RL step. Returns (device metrics, host metrics, new state)."""
   t0 = time.time()
   with partitioning.with_mesh_and_rules(mesh, rules):
-    ro = rollout_lib.generate(conv, sampler, state.params, examples, rng, cfg.temperature,
-                              cfg.samples_per_prompt)
+    ro = rollout_lib.generate(conv, sampler, state.params, examples, rng,
+                              sampling_method(cfg), cfg.samples_per_prompt)
     t_sampled = time.time()
     rewards_future = rollout_lib.score(pool, task, ro)  # Each host checks its own rows.
     batch = partitioning.host_local_to_global(
         {"tokens": ro.output.tokens, "attempt": ro.output.attempt}, mesh)
     # Dispatched asynchronously: the device computes while the host waits for the rewards.
-    batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, cfg.temperature)(
+    batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, sampling_method(cfg))(
         state.ref_params, batch["tokens"])
     t_dispatched = time.time()
     batch["rewards"] = partitioning.host_local_to_global(rewards_future.result(), mesh)
@@ -293,6 +297,11 @@ def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh
 
 
 @functools.cache
-def ref_logprobs_fn(model_cfg, temperature):
-  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg,
-                                   temperature=temperature))
+def ref_logprobs_fn(model_cfg, method):
+  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg, method=method))
+
+
+def sampling_method(cfg: RunConfig) -> sampling.Method:
+  """How training rollouts are sampled (and so the distribution whose log-probs are trained)."""
+  return sampling.from_temperature(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   min_p=cfg.min_p)
