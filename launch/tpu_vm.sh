@@ -81,13 +81,15 @@ case "$CMD" in
     install ;;
   install) install ;;
   run)
-    on_all_workers "cd ~/score_jax && .venv/bin/python -m score_jax.main --distributed $(quote "$@")" ;;
+    on_all_workers "cd ~/score_jax && .venv/bin/python -m score_jax.main --distributed \
+$(quote "$@")" ;;
   pipeline)  # gpu_host.sh's three stages, each one process per worker.
     WORKDIR=${1:?usage: launch/tpu_vm.sh pipeline NAME WORKDIR [gin flags]}; shift
     VARS="PATH=\$HOME/score_jax/.venv/bin:\$PATH"
     if [[ -n "${MODEL:-}" ]]; then VARS+=" MODEL=$(quote "$MODEL")"; fi
     if [[ -n "${TASK:-}" ]]; then VARS+=" TASK=$(quote "$TASK")"; fi
-    on_all_workers "cd ~/score_jax && $VARS $(quote launch/gpu_host.sh "$WORKDIR" --distributed "$@")" ;;
+    on_all_workers "cd ~/score_jax && $VARS \
+$(quote launch/gpu_host.sh "$WORKDIR" --distributed "$@")" ;;
   delete) step "${GCLOUD[@]}" delete "$NAME" "${WHERE[@]}" --quiet ;;
   *) echo "$usage" >&2; exit 2 ;;
 esac

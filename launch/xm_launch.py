@@ -74,6 +74,12 @@ GKE_TPUS = {
 }
 
 
+def gke_tpu_node_selector(name: str, topology: str) -> dict[str, str]:
+  """The node labels of the GKE TPU node pool for TPU `name` (a GKE_TPUS key) and `topology`."""
+  return {"cloud.google.com/gke-tpu-accelerator": GKE_TPUS[name][0],
+          "cloud.google.com/gke-tpu-topology": topology}
+
+
 class PlanError(ValueError):
   """Flags that do not make an experiment."""
 
@@ -235,6 +241,11 @@ def format_plan(plan: Plan) -> str:
   lines.append(f"executor: {executor}")
   for host, container in plan.volumes.items():
     lines.append(f"  volume: {host} -> {container}")
+  for name, topology in plan.jobs[0].requirements.items():
+    if plan.platform == "kubernetes" and name in GKE_TPUS:
+      chips = math.prod(int(d) for d in topology.split("x"))
+      labels = ", ".join(f"{k}={v}" for k, v in gke_tpu_node_selector(name, topology).items())
+      lines.append(f"  pods ask for google.com/tpu: {chips} on nodes {labels}")
   for i, job in enumerate(plan.jobs):
     when = f"after {job.after} has completed" if job.after else "first"
     requirements = ", ".join(f"{k}={v}" for k, v in job.requirements.items()) or "none (CPU)"
@@ -325,8 +336,7 @@ def schedule_on_gke_tpus() -> None:
     out = xm_node_selector(executor_)
     reqs = executor_.requirements
     if name := gke_tpu(reqs):
-      out = {**out, "cloud.google.com/gke-tpu-accelerator": GKE_TPUS[name][0],
-             "cloud.google.com/gke-tpu-topology": reqs.topology.name}
+      out = {**out, **gke_tpu_node_selector(name, reqs.topology.name)}
     return out
 
   resources.adds_gke_tpus = True

@@ -76,6 +76,9 @@ def test_plan_options():
   assert any("'jax[cuda12]'" in line for line in plan.docker_instructions)
   tpu = xm_launch.build_plan(platform="kubernetes", workdir="/w", accelerator="tpu_v5e=2x4")
   assert any("'jax[tpu]'" in line for line in tpu.docker_instructions)
+  assert ("  pods ask for google.com/tpu: 8 on nodes cloud.google.com/gke-tpu-accelerator="
+          "tpu-v5-lite-podslice, cloud.google.com/gke-tpu-topology=2x4\n") in (
+              xm_launch.format_plan(tpu))
   cpu = xm_launch.build_plan(workdir="/w", data_packages=[])
   assert not any("jax[" in line or "--no-deps" in line for line in cpu.docker_instructions)
 
@@ -301,3 +304,18 @@ def test_tpu_vm_delete_and_errors(tmp_path):
   assert no_zone.returncode != 0 and "set ZONE" in no_zone.stderr
   bad = tpu_vm(tmp_path, "resize", "pod")
   assert bad.returncode == 2 and "usage:" in bad.stderr and not bad.stdout
+
+
+def test_multihost_sh(tmp_path):
+  bin_dir, log = tmp_path / "bin", tmp_path / "argv"
+  fake_python(bin_dir)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGV_LOG=str(log))
+  script = f"{ROOT}/launch/multihost.sh"
+  subprocess.run(["bash", script, "stage1.gin", "/w/s1", BINDING], env=env, check=True)
+  subprocess.run(["bash", script, "eval.gin", "/w/e"], check=True,
+                 env=dict(env, COORDINATOR="10.0.0.2:1234", NUM_PROCESSES="2", PROCESS_ID="1"))
+  assert read_calls(log) == [
+      ("-m", "score_jax.main", "--distributed", "--gin_file=stage1.gin", "--gin.WORKDIR='/w/s1'",
+       BINDING),
+      ("-m", "score_jax.main", "--distributed", "--coordinator_address=10.0.0.2:1234",
+       "--num_processes=2", "--process_id=1", "--gin_file=eval.gin", "--gin.WORKDIR='/w/e'")]
