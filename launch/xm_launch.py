@@ -20,10 +20,10 @@ that failed leaves no export, and the next one stops at once with "no exported m
 The work dir must be one file system for all stages:
   local       a host directory, mounted into the containers at the same path;
   vertex      /gcs/BUCKET/...: Vertex AI mounts Cloud Storage buckets there (Cloud Storage FUSE);
-  kubernetes  storage every pod reaches without a volume: xmanager's Kubernetes backend writes no
-              pod volumes (so no Cloud Storage FUSE or Filestore mount). Without such storage run
-              one stage per launch (--stages), or use launch/tpu_vm.sh, which also runs
-              multi-host slices.
+  kubernetes  a path every pod sees without a volume: xmanager's Kubernetes backend writes no pod
+              volumes (no Cloud Storage FUSE or Filestore mount), and what a stage writes in its
+              pod's own file system is lost with the pod. For the whole pipeline prefer Vertex AI
+              or launch/tpu_vm.sh (which also runs multi-host slices).
 Accelerators are xm.JobRequirements entries: local_gpu=N (local Docker), a GPU type
 (a100=8, l4_24th=1, ...) or tpu_v2=8 / tpu_v3=8 on Vertex AI, a GPU type or a single-host TPU
 slice (tpu_v4 / tpu_v5p up to 4 chips, tpu_v5e / tpu_v6e up to 8: `tpu_v5e=2x4`) on GKE.
