@@ -30,5 +30,7 @@ setuptools.setup(
         # Reference implementation for parity tests and the sampler benchmark.
         "torch": ["torch", "transformers"],
         "seqio": ["seqio", "tensorflow", "tensorflow-datasets"],
+        # launch/xm_launch.py: the experiment on local Docker, Vertex AI or GKE.
+        "launch": ["xmanager"],
     },
 )
