@@ -112,6 +112,7 @@ def draw_curves(path: str, group: CurveGroup, lines: Sequence[Series]) -> None:
               label=s.label)
   title = group.title + (f" (bold: mean of the last {window} steps)" if window > 1 else "")
   ax.set(title=title, xlabel="training step", ylabel=group.ylabel)
+  ax.xaxis.get_major_locator().set_params(integer=True)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
   ax.figure.savefig(path, dpi=110)
@@ -120,21 +121,18 @@ def draw_curves(path: str, group: CurveGroup, lines: Sequence[Series]) -> None:
 def edit_ratio_histogram(path: str, ratios: Mapping[str, np.ndarray], bins: int = 20) -> None:
   """PNG at `path` of the edit-distance ratios [N] of each evaluation (by label; "" for one).
 
-  Bars show the fraction of problems per bin of [0, 1]; the legend gives the mean and the
-  fraction of unchanged answers (ratio 0).
+  Bars show the fraction of problems per bin of [0, 1], the evaluations' bars side by side
+  in each bin; the legend gives the mean and the fraction of unchanged answers (ratio 0).
   """
   ax = _axes()
   edges = np.linspace(0.0, 1.0, bins + 1)
+  width = (edges[1] - edges[0]) / len(ratios)
   for i, (name, r) in enumerate(ratios.items()):
     r = np.asarray(r, np.float64)
     stats = f"mean {r.mean():.2f}, unchanged {np.mean(r == 0):.0%}, n={len(r)}"
-    label = f"{name}: {stats}" if name else stats
-    weights = np.full(len(r), 1.0 / max(len(r), 1))
-    if len(ratios) == 1:
-      ax.hist(r, edges, weights=weights, color="C0", edgecolor="white", label=label)
-    else:
-      ax.hist(r, edges, weights=weights, histtype="step", linewidth=2, color=f"C{i % 10}",
-              label=label)
+    fraction = np.histogram(r, edges)[0] / max(len(r), 1)
+    ax.bar(edges[:-1] + i * width, fraction, width=width, align="edge", color=f"C{i % 10}",
+           edgecolor="white", linewidth=0.5, label=f"{name}: {stats}" if name else stats)
   ax.set(title="Edit-distance ratio between attempt 1 and attempt 2",
          xlabel="edit distance(y1, y2) / (|y1| + |y2|)   (0: answer unchanged)",
          ylabel="fraction of problems", xlim=(0, 1))

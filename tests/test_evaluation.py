@@ -93,7 +93,5 @@ def test_write_results_draws_the_edit_ratio_histogram(tmp_path):
   evaluation.write_results(str(tmp_path), m, samples)
   assert json.loads((tmp_path / "results.json").read_text())["n"] == 40
   assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 40
-  png = (tmp_path / evaluation.HISTOGRAM).read_bytes()
-  assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
-  width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-  assert width >= 600 and height >= 300
+  # Its content is checked in test_report.py.
+  assert (tmp_path / evaluation.HISTOGRAM).read_bytes().startswith(PNG_SIGNATURE)

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from matplotlib import colors
+from matplotlib import image
 import numpy as np
 import pytest
 
@@ -65,11 +67,13 @@ def pipeline(tmp_path_factory):
 
 
 def assert_png(path):
-  data = open(path, "rb").read()
-  assert data.startswith(PNG_SIGNATURE), path
-  assert len(data) > 10_000, path  # Axes, labels and lines, not an empty canvas.
-  width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-  assert width >= 600 and height >= 300
+  """A PNG of a readable size on which the first series (colour C0) was drawn."""
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_SIGNATURE, path
+  pixels = image.imread(path)[..., :3]  # [H, W, 3] in [0, 1]
+  assert pixels.shape[0] >= 300 and pixels.shape[1] >= 600
+  c0 = np.abs(pixels - colors.to_rgb("C0")).max(-1) < 0.05
+  assert c0.sum() >= 30, path  # Axes and labels alone have no such pixels.
 
 
 def test_read_metrics_keeps_the_last_line_of_a_repeated_step(tmp_path):
