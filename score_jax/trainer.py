@@ -15,7 +15,6 @@ crash) and, at the end, WORKDIR/export (the final weights, for the next stage or
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ import optax
 from score_jax import checkpoints
 from score_jax import data as data_lib
 from score_jax import evaluation
+from score_jax import metric_writers
 from score_jax import model as model_lib
 from score_jax import objectives
 from score_jax import partitioning
@@ -100,42 +100,6 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     lr = cfg.learning_rate
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(lr, weight_decay=cfg.weight_decay))
-
-
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard + a console progress line with ETA (process 0 only)."""
-
-  def __init__(self, workdir: str, total_steps: int, start_step: int):
-    self._on = jax.process_index() == 0
-    self._total, self._start, self._t0 = total_steps, start_step, time.time()
-    if self._on:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, metrics: dict[str, Any], console: bool) -> None:
-    if not self._on:
-      return
-    metrics = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      if isinstance(v, float):
-        self._tb.add_scalar(k, v, step)
-    if console:
-      done = step - self._start
-      rate = done / max(time.time() - self._t0, 1e-9)
-      eta = (self._total - step) / max(rate, 1e-9)
-      keys = [k for k in ("loss", "reward_t1", "reward_t2", "delta", "kl_t1", "kl_t2",
-                          "token_accuracy") if k in metrics]
-      shown = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
-      print(f"[{step}/{self._total}] {shown} | {rate:.2f} steps/s, ETA {eta:.0f}s",
-            file=sys.stderr, flush=True)
-
-  def close(self) -> None:
-    if self._on:
-      self._jsonl.close()
-      self._tb.close()
 
 
 def state_shardings(state_shapes, model_cfg, mesh, rules):
@@ -233,7 +197,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     logging.info("Resumed %s from step %d in %s", mode, start, workdir)
     print(f"Resuming {mode} from step {start}", file=sys.stderr, flush=True)
 
-  writer = MetricsWriter(workdir, cfg.steps, start)
+  writer = metric_writers.MetricsWriter(workdir, cfg.steps, start)
   pool = None if mode == "sft" else make_pool(cfg.reward_workers)
   rng = jax.random.PRNGKey(cfg.seed)
   try:
