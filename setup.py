@@ -19,7 +19,10 @@ setuptools.setup(
         "orbax-checkpoint",
         "sentencepiece==0.2.2",
         "protobuf<7",
-        "tensorboardX",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+        "rapidfuzz",
         "safetensors",
         "gguf",
         "math-verify",
@@ -30,5 +33,7 @@ setuptools.setup(
         # Reference implementation for parity tests and the sampler benchmark.
         "torch": ["torch", "transformers"],
         "seqio": ["seqio", "tensorflow", "tensorflow-datasets"],
+        # launch/xm_launch.py: the experiment on local Docker, Vertex AI or GKE.
+        "launch": ["xmanager"],
     },
 )

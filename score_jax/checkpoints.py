@@ -21,7 +21,7 @@ may be donated to the next train step right away) and a background thread writes
 
 `export_params` / `load_export` write and read a directory that evaluation can use on its own:
 
-    directory/model_config.json  dataclasses.asdict(ModelConfig), dtype as its name
+    directory/model_config.json  dataclasses.asdict(ModelConfig), dtypes by name
     directory/params/            the parameters (orbax)
     directory/vocab.json         how to rebuild the vocabulary (whatever the trainer passes)
 """
@@ -248,11 +248,14 @@ def _config_from_dict(fields: dict, path: str) -> model_lib.ModelConfig:
   if unknown:
     raise ValueError(f"{path}: unknown ModelConfig fields {unknown}")
   fields = dict(fields)
-  if "dtype" in fields:
-    try:
-      fields["dtype"] = getattr(jnp, jnp.dtype(fields["dtype"]).name)
-    except (TypeError, AttributeError) as e:
-      raise ValueError(f"{path}: unknown dtype {fields['dtype']!r}") from e
+  for key in ("dtype", "param_dtype"):
+    if key in fields:
+      try:
+        fields[key] = getattr(jnp, jnp.dtype(fields[key]).name)
+      except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: unknown {key} {fields[key]!r}") from e
+  if fields.get("llama3_rope") is not None:  # JSON has lists; the config must be hashable.
+    fields["llama3_rope"] = tuple(fields["llama3_rope"])
   try:
     return model_lib.ModelConfig(**fields)
   except TypeError as e:
@@ -278,6 +281,7 @@ def export_params(directory: str, model_cfg: model_lib.ModelConfig, params: Any,
   _check_json(vocab_spec, "vocab_spec")
   config = dataclasses.asdict(model_cfg)
   config["dtype"] = jnp.dtype(model_cfg.dtype).name
+  config["param_dtype"] = jnp.dtype(model_cfg.param_dtype).name
   config_path = os.path.join(directory, _EXPORT_CONFIG)
   primary = jax.process_index() == 0
   if primary:

@@ -7,7 +7,9 @@ For rewards r_t in {0, 1} of attempts t = 1, 2 on N problems:
   delta_c2i           fraction of problems right at t1 and wrong at t2
   delta_ci95          95% confidence interval of delta (paired normal approximation)
   edit_ratio_*        edit distance between the attempts' texts over their combined length
-All fractions are in [0, 1].
+All fractions are in [0, 1]. Edit distances (Levenshtein: insertions, deletions, substitutions
+of characters) are computed in C by rapidfuzz. `write_results` also draws the histogram of the
+edit-distance ratios (the paper's picture of how much attempt 2 rewrites attempt 1).
 """
 
 import json
@@ -18,22 +20,25 @@ import time
 from typing import Mapping, Sequence
 
 import numpy as np
+from rapidfuzz import process as rf_process
+from rapidfuzz.distance import Levenshtein
 
+from score_jax import plots
 
-def edit_distance(a: str, b: str) -> int:
-  """Levenshtein distance (insertions, deletions, substitutions), O(len(a) * len(b))."""
-  prev = list(range(len(b) + 1))
-  for i, ca in enumerate(a, 1):
-    cur = [i]
-    for j, cb in enumerate(b, 1):
-      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-    prev = cur
-  return prev[-1]
+HISTOGRAM = "edit_ratio_hist.png"  # Next to results.json.
 
 
 def edit_ratio(a: str, b: str) -> float:
   """Edit distance over the two lengths combined: 0 for identical texts, at most 1."""
-  return edit_distance(a, b) / max(1, len(a) + len(b))
+  return Levenshtein.distance(a, b) / max(1, len(a) + len(b))
+
+
+def edit_ratios(texts: Sequence[Sequence[str]]) -> np.ndarray:
+  """[N] `edit_ratio` of attempts 1 and 2 of texts [N][K>=2], in one call into C."""
+  first, second = [t[0] for t in texts], [t[1] for t in texts]
+  dist = rf_process.cpdist(first, second, scorer=Levenshtein.distance)
+  lengths = np.array([len(a) + len(b) for a, b in zip(first, second)], np.float64)
+  return dist / np.maximum(lengths, 1.0)
 
 
 def self_correction_metrics(rewards: np.ndarray,
@@ -51,7 +56,7 @@ def self_correction_metrics(rewards: np.ndarray,
   for k in range(2, r.shape[1]):
     out[f"acc_t{k + 1}"] = r[:, k].mean()
   if texts is not None:
-    ratios = np.array([edit_ratio(t[0], t[1]) for t in texts])
+    ratios = edit_ratios(texts)
     out.update(edit_ratio_mean=ratios.mean(), edit_ratio_median=float(np.median(ratios)),
                edit_ratio_zero_fraction=(ratios == 0).mean())
   return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in out.items()}
@@ -72,7 +77,8 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def write_results(directory: str, metrics: Mapping[str, float], samples: Sequence[dict]) -> None:
-  """results.json, results.md and samples.jsonl (every problem's attempts and rewards)."""
+  """results.json, results.md, samples.jsonl (every problem's attempts and rewards) and the
+  edit-distance-ratio histogram of attempts 1 and 2 (HISTOGRAM)."""
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "results.json"), "w") as f:
     json.dump(dict(metrics), f, indent=2)
@@ -81,10 +87,13 @@ def write_results(directory: str, metrics: Mapping[str, float], samples: Sequenc
   with open(os.path.join(directory, "samples.jsonl"), "w") as f:
     for s in samples:
       f.write(json.dumps(s) + "\n")
+  plots.edit_ratio_histogram(
+      os.path.join(directory, HISTOGRAM),
+      {os.path.basename(os.path.abspath(directory)): edit_ratios([s["attempts"] for s in samples])})
 
 
 def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
-             num_attempts_shown: int = 2, rng=None, temperature: float = 0.0,
+             num_attempts_shown: int = 2, rng=None, method=None,
              progress: bool = True) -> tuple[dict[str, float], list[dict]]:
   """Greedy (by default) multi-attempt rollouts on `examples`; the paper's metrics.
 
@@ -93,7 +102,10 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
   run every process evaluates all `examples` on its own devices (same results everywhere).
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from score_jax import metric_writers  # pylint: disable=g-import-not-at-top
   from score_jax import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  from score_jax import sampling  # pylint: disable=g-import-not-at-top
+  method = sampling.Greedy() if method is None else method
   rng = jax.random.PRNGKey(0) if rng is None else rng
   rewards, texts, samples = [], [], []
   t0 = time.time()
@@ -101,16 +113,15 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     ro = rollout_lib.generate(conv, sampler, params, chunk, jax.random.fold_in(rng, start),
-                              temperature)
+                              method)
     future = rollout_lib.score(pool, task, ro)
     if pending is not None:  # Rewards of the previous chunk were checked meanwhile.
       _collect(pending, rewards, texts, samples)
     pending = (ro, future)
     if progress:
-      done = start + len(chunk)
-      rate = done / max(time.time() - t0, 1e-9)
-      print(f"eval {done}/{len(examples)} | {rate:.1f} problems/s, "
-            f"ETA {(len(examples) - done) / rate:.0f}s", file=sys.stderr, flush=True)
+      print(metric_writers.progress_line(start + len(chunk), len(examples), time.time() - t0,
+                                         unit="problem", head="eval "),
+            file=sys.stderr, flush=True)
   _collect(pending, rewards, texts, samples)
   metrics = self_correction_metrics(np.concatenate(rewards), texts)
   return metrics, samples

@@ -6,7 +6,8 @@
   multi_turn, single_turn   the paper's ablations / baselines
   eval       greedy multi-attempt evaluation of `experiment.init_from`
   pipeline   sft -> eval(base) -> stage1 -> stage2 -> eval(stage1, stage2) and the Table 2
-             shaped summary, each under its own sub-directory of the work dir.
+             shaped summary, each under its own sub-directory of the work dir; then
+             report.md with the table, training curves and edit-ratio histograms (report.py).
 
 Each mode reads its gin bindings in a scope named after it, so one config can hold
 `sft/RunConfig.steps = 600` and `stage2/RunConfig.steps = 200` side by side.
@@ -23,6 +24,7 @@ from score_jax import evaluation
 from score_jax import model as model_lib
 from score_jax import objectives
 from score_jax import partitioning
+from score_jax import report
 from score_jax import rollout as rollout_lib
 from score_jax import tasks
 from score_jax import toy
@@ -166,4 +168,6 @@ def pipeline(workdir: str, task: tasks.Task) -> dict[str, dict[str, float]]:
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(table + "\n")
   print("\n" + table)
+  if jax.process_index() == 0:  # Only process 0 wrote metrics and results.
+    print("report:", report.write_report([workdir], workdir))
   return rows

@@ -30,6 +30,7 @@ from score_jax import chat
 from score_jax import loading
 from score_jax import model as model_lib
 from score_jax import sampler as sampler_lib
+from score_jax import sampling
 from score_jax import tasks
 from score_jax import toy
 from score_jax import vocab as vocab_lib
@@ -125,7 +126,7 @@ def conversation_ids(fmt: chat.ChatFormat, vocab: vocab_lib.Vocabulary, prompt: 
 
 
 def generate(model: LoadedModel, prompt_ids: Sequence[int], instruction_ids: Sequence[int],
-             stop: int, *, num_attempts: int, max_new_tokens: int, temperature: float,
+             stop: int, *, num_attempts: int, max_new_tokens: int, method: sampling.Method,
              seed: int) -> list[Attempt]:
   """Generates `num_attempts` attempts (one sampler call) from `conversation_ids`' ids.
 
@@ -136,7 +137,7 @@ def generate(model: LoadedModel, prompt_ids: Sequence[int], instruction_ids: Seq
       model.cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
       max_prompt_len=len(prompt_ids), instruction=instruction_ids, eot_id=stop,
       pad_id=model.vocab.pad_id)
-  out = sampler(model.params, [prompt_ids], jax.random.PRNGKey(seed), temperature)
+  out = sampler(model.params, [prompt_ids], jax.random.PRNGKey(seed), method)
   tokens, lengths = np.asarray(out.attempt_tokens), np.asarray(out.attempt_lengths)
   attempts = []
   for k in range(num_attempts):
@@ -169,6 +170,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("prompt_file", None, "A file holding the first user turn.")
   flags.DEFINE_integer("max_new_tokens", 256, "Tokens per attempt, at most.", lower_bound=1)
   flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.", lower_bound=0.0)
+  flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens only.",
+                       lower_bound=1)
+  flags.DEFINE_float("top_p", None, "Nucleus sampling: the most likely tokens holding this "
+                     "probability.", lower_bound=0.0, upper_bound=1.0)
+  flags.DEFINE_float("min_p", None, "Only tokens at least this fraction as likely as the top "
+                     "one.", lower_bound=0.0, upper_bound=1.0)
   flags.DEFINE_integer(
       "num_attempts", 1, "1: plain generation; K >= 2: K attempts, the self-correction "
       "instruction after each.", lower_bound=1)
@@ -210,10 +217,12 @@ def main(argv: Sequence[str]) -> None:
     ids, instruction_ids = conversation_ids(fmt, model.vocab, prompt, instruction,
                                             args.num_attempts)
     stop = chat.stop_token_id(fmt, model.vocab)
+    method = sampling.from_temperature(args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       min_p=args.min_p)
   except (ValueError, OSError, ImportError) as e:
     _fail(e)
   attempts = generate(model, ids, instruction_ids, stop, num_attempts=args.num_attempts,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens, method=method,
                       seed=args.seed)
   for k, attempt in enumerate(attempts, start=1):
     print(f"--- attempt {k} ---\n{attempt.text}")

@@ -90,7 +90,7 @@ def load(source: str, dtype: Any = jnp.float32
       tokenizer.model (model types llama, qwen2, qwen3, gemma, gemma2, gemma3_text);
     * a parameter export (`save_params`, `checkpoints.export_params`): model_config.json,
       an orbax `params/` and vocab.json (the vocabulary's source, or a character alphabet).
-  The returned config has `dtype` as its dtype.
+  The returned config has `dtype` as its compute and parameter dtype.
   """
   source = os.fspath(source)
   path = shipped_gguf(source) if source in _SHIPPED else source
@@ -239,11 +239,12 @@ _TOP_TENSORS = {
 }
 
 
-def _tensor_name(cfg: ModelConfig, keys: tuple[str, ...], style: int) -> str:
-  """The GGUF or Hugging Face name of our parameter `keys`."""
-  if not keys[0].startswith("layer_"):
+def _tensor_name(cfg: ModelConfig, keys: tuple[str, ...], style: int,
+                 layer: Optional[int] = None) -> str:
+  """The GGUF or Hugging Face name of our parameter `keys` (of `layer` under "layers")."""
+  if keys[0] != "layers":
     return _TOP_TENSORS[keys][style]
-  layer, rest = int(keys[0][len("layer_"):]), keys[1:]
+  rest = keys[1:]
   if style == _GGUF:
     return f"blk.{layer}.{_LAYER_TENSORS[rest][_GGUF]}"
   if rest == ("pre_mlp_norm", "scale"):
@@ -263,25 +264,30 @@ def _assemble(cfg: ModelConfig, read: Callable[[str], np.ndarray], names: set[st
               style: int, dtype: Any) -> Params:
   """Builds our parameter tree from source tensors in [out, in] layout.
 
-  `read(name)` returns a source tensor; `names` are all tensors the source has.
+  `read(name)` returns a source tensor; `names` are all tensors the source has. Layer
+  tensors are stacked on the leading "layers" axis of `params["layers"]`.
   """
   used = set()
 
-  def convert(path, leaf):
-    keys = tuple(k.key for k in path)
-    name = _tensor_name(cfg, keys, style)
+  def convert(keys, name, shape):
     if name not in names:
       raise ValueError(f"the source lacks {name} (for parameter {'/'.join(keys)})")
     used.add(name)
     w = read(name)
-    if w.size != np.prod(leaf.shape):
-      raise ValueError(f"{name} has shape {w.shape}; parameter {'/'.join(keys)} needs "
-                       f"{leaf.shape}")
+    if w.size != np.prod(shape):
+      raise ValueError(f"{name} has shape {w.shape}; parameter {'/'.join(keys)} needs {shape}")
     if w.ndim == 2 and keys != ("embedding",):
       w = w.T  # [out, in] -> [in, out]
-    return np.ascontiguousarray(w.reshape(leaf.shape), dtype=np.dtype(dtype))
+    return np.ascontiguousarray(w.reshape(shape), dtype=np.dtype(dtype))
 
-  params = jax.tree_util.tree_map_with_path(convert, _abstract_params(cfg))
+  def one(path, leaf):
+    keys = tuple(k.key for k in path)
+    if keys[0] != "layers":
+      return convert(keys, _tensor_name(cfg, keys, style), leaf.shape)
+    return np.stack([convert(keys, _tensor_name(cfg, keys, style, i), leaf.shape[1:])
+                     for i in range(cfg.num_layers)])
+
+  params = jax.tree_util.tree_map_with_path(one, _abstract_params(cfg))
   unused = sorted(names - used - _ignorable(cfg, style))
   if unused:
     raise ValueError(f"the source has {len(unused)} tensor(s) the model does not use, e.g. "
@@ -417,7 +423,7 @@ def _load_gguf(path: str, dtype: Any) -> tuple[ModelConfig, Params]:
     return w
 
   params = _assemble(cfg, read, set(tensors), _GGUF, dtype)
-  return dataclasses.replace(cfg, dtype=dtype), params
+  return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +525,7 @@ def _load_hf(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
 
   names = {n for n in where if not n.endswith("rotary_emb.inv_freq")}
   params = _assemble(cfg, read, names, _HF, dtype)
-  return dataclasses.replace(cfg, dtype=dtype), params
+  return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,4 +535,4 @@ def _load_hf(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
 def _load_export(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
   cfg, params, _ = checkpoints.load_export(directory)
   params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(dtype)), params)
-  return dataclasses.replace(cfg, dtype=dtype), params
+  return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params

@@ -1,15 +1,30 @@
 """Decoder-only transformer covering the Gemma (1, 2, 3) and Llama / Qwen families.
 
-One flax linen module, `Transformer`, applied purely:
+The layers are one `nn.scan` over a stacked parameter tree (compile time does not grow with
+depth), optionally rematerialised, with mixed precision:
 
-    logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions, cache)
+    hidden, cache = apply(cfg, params, tokens, positions, cache)   # the transformer body
+    logits = logits_of(cfg, params, hidden)                          # float32 [..., V]
+    logits, cache = forward(cfg, params, tokens, positions, cache)   # both (small models, tests)
 
 * `tokens`, `positions`: int32 [B, S]. Position p of a sequence is also its slot in the KV
   cache, so a sequence is always stored contiguously from slot 0.
 * `cache`: None (full causal attention over the S tokens given, as in training) or a
-  `KVCache` from `init_cache` (decoding: the S new keys/values are written at their positions
-  and each query attends every slot <= its own position).
-* `logits`: float32 [B, S, V] whatever the parameter dtype.
+  `KVCache` from `init_cache` (decoding: the S new keys/values are written in place at their
+  positions and each query attends every slot <= its own position, within the first
+  `attend_len` slots when that static bound is given).
+* `hidden`: [B, S, D] final-normed activations in the compute dtype. Log-probs of long
+  sequences come from `logprobs.py`, which never holds [B, S, V] logits at once.
+
+Parameters. `params["layers"]` holds every layer's weights stacked on a leading "layers" axis
+(layer i is index i of each leaf); `embedding`, `final_norm` and (untied) `lm_head` sit at the
+top. Layer kinds (Gemma 2/3 sliding-window "local" layers vs "global" ones) differ only in data
+(window, rope base and scale), passed to the scan as per-layer inputs, so one compiled layer
+serves all of them.
+
+Precision. Parameters are stored in `param_dtype` (float32 master weights for training) and
+cast to `dtype` for compute (bfloat16 on accelerators); norms, softmax, rope, logits and
+everything downstream (log-probs, KL, losses) are float32.
 
 Every parameter and the main activations carry logical axis names (see `partitioning.py`),
 so partitioning rules, not this file, decide how they are sharded.
@@ -32,10 +47,17 @@ EMBED, VOCAB, HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS = (
 A_BATCH, A_LENGTH, A_EMBED, A_HEADS, A_KV_HEADS, A_MLP, A_VOCAB = (
     "act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab")
 
+# Rematerialisation policies of the scanned layer (what the backward pass keeps of a layer).
+REMAT_POLICIES = {
+    "none": None,  # no remat: every intermediate is saved
+    "full": jax.checkpoint_policies.nothing_saveable,  # only each layer's input
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # matmul outputs
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of one model. Defaults are Llama-style; see the named configs below."""
+  """Architecture of one model. Defaults are Llama-style; see the named configs in configs.py."""
   vocab_size: int
   num_layers: int
   embed_dim: int
@@ -49,8 +71,8 @@ class ModelConfig:
   norm_eps: float = 1e-6
   scale_embeddings: bool = False      # Gemma: embeddings * sqrt(embed_dim).
   tie_embeddings: bool = True
-  qkv_bias: bool = False              # Qwen.
-  qk_norm: bool = False               # Gemma 3.
+  qkv_bias: bool = False              # Qwen2.
+  qk_norm: bool = False               # Gemma 3, Qwen3.
   post_norms: bool = False            # Gemma 2/3: norms after attention and after MLP.
   query_pre_attn_scalar: Optional[float] = None  # None: head_dim.
   attn_logit_softcap: Optional[float] = None      # Gemma 2.
@@ -61,7 +83,23 @@ class ModelConfig:
   rope_base: float = 10_000.0          # global layers
   rope_local_base: Optional[float] = None  # local (sliding) layers; None: rope_base.
   rope_scale: float = 1.0              # linear position scaling on global layers (Gemma 3 4B+).
-  dtype: Any = jnp.float32             # activation / parameter dtype
+  # Llama 3.x frequency scaling on global layers: (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings), or None.
+  llama3_rope: Optional[tuple[float, float, float, int]] = None
+  # Precision and memory (not architecture: the same weights run under any of these).
+  dtype: Any = jnp.float32             # compute dtype of activations and matmuls
+  param_dtype: Any = jnp.float32       # storage dtype of the parameters
+  remat: str = "none"                  # a key of REMAT_POLICIES
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.activation not in _ACTIVATIONS:
+      raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, "
+                       f"got {self.activation!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
 
   def is_global(self, layer: int) -> bool:
     return self.sliding_window is None or (layer + 1) % self.global_every == 0
@@ -99,36 +137,53 @@ class KVCache:
   v: Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
+  """An empty cache of `length` slots per sequence, in `dtype` (default: the compute dtype)."""
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+  dtype = cfg.dtype if dtype is None else dtype
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _param(module, name, init, shape, axes, dtype):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+def _param(module, name, init, shape, axes, cfg):
+  """A parameter stored in `cfg.param_dtype`, returned cast to the compute dtype."""
+  value = module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
+  return value.astype(cfg.dtype)
 
 
 class RMSNorm(nn.Module):
-  plus_one: bool
-  eps: float
+  cfg: ModelConfig
   axis_name: str = EMBED
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
-    scale = _param(self, "scale", init, (x.shape[-1],), (self.axis_name,), self.dtype)
+    cfg = self.cfg
+    init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
+                       (x.shape[-1],), cfg.param_dtype).astype(jnp.float32)
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = scale.astype(jnp.float32)
-    return (y * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (y * (1.0 + scale if cfg.norm_plus_one else scale)).astype(x.dtype)
 
 
-def apply_rope(x: Array, positions: Array, base: float, scale: float = 1.0) -> Array:
+def rope_frequencies(cfg: ModelConfig, is_global: Array) -> Array:
+  """Inverse frequencies [head_dim / 2] (float32) of a layer; `is_global` may be traced."""
+  half = cfg.head_dim // 2
+  exponents = jnp.arange(half, dtype=jnp.float32) * 2.0 / cfg.head_dim
+  local_base = cfg.rope_local_base or cfg.rope_base
+  base = jnp.where(is_global, cfg.rope_base, local_base).astype(jnp.float32)
+  freq = base ** -exponents
+  if cfg.llama3_rope is not None:
+    factor, low, high, old_len = cfg.llama3_rope
+    wavelength = 2.0 * math.pi / freq
+    smooth = jnp.clip((old_len / wavelength - low) / (high - low), 0.0, 1.0)
+    scaled = (1.0 - smooth) * freq / factor + smooth * freq
+    freq = jnp.where(is_global, scaled, freq)
+  return freq / jnp.where(is_global, cfg.rope_scale, 1.0)
+
+
+def apply_rope(x: Array, positions: Array, freq: Array) -> Array:
   """Rotary embedding, half-split convention. x: [B, S, N, H]; positions: [B, S]."""
-  half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angle = (positions.astype(jnp.float32) / scale)[..., None] * freq  # [B, S, half]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # [B, S, H/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -139,67 +194,78 @@ def _softcap(x: Array, cap: Optional[float]) -> Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def _dot32(spec: str, a: Array, b: Array) -> Array:
+  """einsum of compute-dtype operands with float32 accumulation and result."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
-  layer: int
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, kv: Optional[tuple[Array, Array]]):
-    """x: [B, S, D]. kv: this layer's cache (k, v) [B, T, K, H] or None. Returns (y, kv)."""
+  def __call__(self, x: Array, positions: Array, layer: Array, is_global: Array,
+               cache: Optional[KVCache], attend_len: Optional[int]):
+    """x: [B, S, D]; `layer` / `is_global`: this layer's index / kind (traced scalars).
+
+    With a cache, writes this layer's new keys and values into it (in place) and attends the
+    first `attend_len` slots (all when None). Returns (y [B, S, D], cache).
+    """
     cfg = self.cfg
     init = nn.initializers.normal(stddev=0.02)
     wq = _param(self, "q", init, (cfg.embed_dim, cfg.num_heads, cfg.head_dim),
-                (EMBED, HEADS, HEAD_DIM), cfg.dtype)
+                (EMBED, HEADS, HEAD_DIM), cfg)
     wk = _param(self, "k", init, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim),
-                (EMBED, KV_HEADS, HEAD_DIM), cfg.dtype)
+                (EMBED, KV_HEADS, HEAD_DIM), cfg)
     wv = _param(self, "v", init, (cfg.embed_dim, cfg.num_kv_heads, cfg.head_dim),
-                (EMBED, KV_HEADS, HEAD_DIM), cfg.dtype)
+                (EMBED, KV_HEADS, HEAD_DIM), cfg)
     wo = _param(self, "o", init, (cfg.num_heads, cfg.head_dim, cfg.embed_dim),
-                (HEADS, HEAD_DIM, EMBED), cfg.dtype)
+                (HEADS, HEAD_DIM, EMBED), cfg)
     q = jnp.einsum("bsd,dnh->bsnh", x, wq)
     k = jnp.einsum("bsd,dnh->bsnh", x, wk)
     v = jnp.einsum("bsd,dnh->bsnh", x, wv)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
-      q += _param(self, "q_bias", zeros, wq.shape[1:], (HEADS, HEAD_DIM), cfg.dtype)
-      k += _param(self, "k_bias", zeros, wk.shape[1:], (KV_HEADS, HEAD_DIM), cfg.dtype)
-      v += _param(self, "v_bias", zeros, wv.shape[1:], (KV_HEADS, HEAD_DIM), cfg.dtype)
+      q += _param(self, "q_bias", zeros, wq.shape[1:], (HEADS, HEAD_DIM), cfg)
+      k += _param(self, "k_bias", zeros, wk.shape[1:], (KV_HEADS, HEAD_DIM), cfg)
+      v += _param(self, "v_bias", zeros, wv.shape[1:], (KV_HEADS, HEAD_DIM), cfg)
     if cfg.qk_norm:
-      q = RMSNorm(cfg.norm_plus_one, cfg.norm_eps, HEAD_DIM, cfg.dtype, name="q_norm")(q)
-      k = RMSNorm(cfg.norm_plus_one, cfg.norm_eps, HEAD_DIM, cfg.dtype, name="k_norm")(k)
-    is_global = cfg.is_global(self.layer)
-    base = cfg.rope_base if is_global else (cfg.rope_local_base or cfg.rope_base)
-    q = apply_rope(q, positions, base, cfg.rope_scale if is_global else 1.0)
-    k = apply_rope(k, positions, base, cfg.rope_scale if is_global else 1.0)
+      q = RMSNorm(cfg, HEAD_DIM, name="q_norm")(q)
+      k = RMSNorm(cfg, HEAD_DIM, name="k_norm")(k)
+    freq = rope_frequencies(cfg, is_global)
+    q = apply_rope(q, positions, freq)
+    k = apply_rope(k, positions, freq)
     q = nn.with_logical_constraint(q, (A_BATCH, A_LENGTH, A_HEADS, None))
 
-    if kv is None:  # Attend the S tokens given.
+    if cache is None:  # Attend the S tokens given.
       keys, values, key_pos = k, v, positions
-    else:  # Write the new keys/values at their positions, attend the whole cache.
-      keys, values = kv
-      batch_idx = jnp.arange(x.shape[0])[:, None]
-      keys = keys.at[batch_idx, positions].set(k.astype(keys.dtype))
-      values = values.at[batch_idx, positions].set(v.astype(values.dtype))
-      kv = (keys, values)
-      key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (x.shape[0], keys.shape[1]))
+    else:  # Write the new keys/values at their positions (in place), attend the cache.
+      rows = jnp.arange(x.shape[0])[:, None]
+      cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
+                      cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
+      span = cache.k.shape[2] if attend_len is None else attend_len
+      keys = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :span]
+      values = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :span]
+      key_pos = jnp.arange(span)[None, :]
 
     # Query position p sees key position j iff j <= p (and p - j < window on local layers).
-    visible = key_pos[:, None, :] <= positions[:, :, None]  # [B, S, T]
-    if not is_global:
-      visible &= positions[:, :, None] - key_pos[:, None, :] < cfg.sliding_window
+    distance = positions[:, :, None] - key_pos[:, None, :]  # [B, S, T]
+    visible = distance >= 0
+    if cfg.sliding_window is not None:
+      visible &= is_global | (distance < cfg.sliding_window)
 
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(q.shape[:2] + (cfg.num_kv_heads, groups, cfg.head_dim))
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    logits = jnp.einsum("bskgh,btkh->bkgst", qg.astype(jnp.float32),
-                        keys.astype(jnp.float32)) * scale
+    logits = _dot32("bskgh,btkh->bkgst", qg, keys.astype(cfg.dtype)) * scale
     logits = _softcap(logits, cfg.attn_logit_softcap)
     logits = jnp.where(visible[:, None, None], logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs, values.astype(jnp.float32))
+    out = _dot32("bkgst,btkh->bskgh", probs.astype(cfg.dtype), values.astype(cfg.dtype))
     out = out.reshape(q.shape).astype(cfg.dtype)
-    y = jnp.einsum("bsnh,nhd->bsd", out, wo)
-    return y, kv
+    return jnp.einsum("bsnh,nhd->bsd", out, wo), cache
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True)}
 
 
 class FeedForward(nn.Module):
@@ -209,70 +275,78 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
     init = nn.initializers.normal(stddev=0.02)
-    gate = _param(self, "gate", init, (cfg.embed_dim, cfg.mlp_dim), (EMBED, MLP), cfg.dtype)
-    up = _param(self, "up", init, (cfg.embed_dim, cfg.mlp_dim), (EMBED, MLP), cfg.dtype)
-    down = _param(self, "down", init, (cfg.mlp_dim, cfg.embed_dim), (MLP, EMBED), cfg.dtype)
-    act = {"silu": jax.nn.silu,
-           "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True)}[cfg.activation]
-    h = act(x @ gate) * (x @ up)
+    gate = _param(self, "gate", init, (cfg.embed_dim, cfg.mlp_dim), (EMBED, MLP), cfg)
+    up = _param(self, "up", init, (cfg.embed_dim, cfg.mlp_dim), (EMBED, MLP), cfg)
+    down = _param(self, "down", init, (cfg.mlp_dim, cfg.embed_dim), (MLP, EMBED), cfg)
+    h = _ACTIVATIONS[cfg.activation](x @ gate) * (x @ up)
     h = nn.with_logical_constraint(h, (A_BATCH, A_LENGTH, A_MLP))
     return h @ down
 
 
 class Block(nn.Module):
+  """One layer, in the signature `nn.scan` wants: (carry, per-layer input, shared input).
+
+  carry: (x [B, S, D], cache or None); layer_info: (index, is_global) of this layer;
+  positions: int32 [B, S]. `attend_len` bounds the attended cache slots (static).
+  """
   cfg: ModelConfig
-  layer: int
+  attend_len: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x, positions, kv):
+  def __call__(self, carry, layer_info, positions):
     cfg = self.cfg
-    norm = lambda name: RMSNorm(cfg.norm_plus_one, cfg.norm_eps, EMBED, cfg.dtype, name=name)
-    h, kv = Attention(cfg, self.layer, name="attn")(norm("pre_attn_norm")(x), positions, kv)
+    x, cache = carry
+    layer, is_global = layer_info
+    h, cache = Attention(cfg, name="attn")(RMSNorm(cfg, name="pre_attn_norm")(x), positions,
+                                           layer, is_global, cache, self.attend_len)
     if cfg.post_norms:
-      h = norm("post_attn_norm")(h)
+      h = RMSNorm(cfg, name="post_attn_norm")(h)
     x = x + h
-    h = FeedForward(cfg, name="mlp")(norm("pre_mlp_norm")(x))
+    h = FeedForward(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x))
     if cfg.post_norms:
-      h = norm("post_mlp_norm")(h)
+      h = RMSNorm(cfg, name="post_mlp_norm")(h)
     x = nn.with_logical_constraint(x + h, (A_BATCH, A_LENGTH, A_EMBED))
-    return x, kv
+    return (x, cache), None
+
+
+def layer_kinds(cfg: ModelConfig) -> tuple[Array, Array]:
+  """The per-layer scan inputs: (index int32 [L], is_global bool [L])."""
+  return (jnp.arange(cfg.num_layers, dtype=jnp.int32),
+          jnp.asarray([cfg.is_global(i) for i in range(cfg.num_layers)]))
 
 
 class Transformer(nn.Module):
+  """Embedding, the scanned layers and the final norm; returns hidden states (see module doc)."""
   cfg: ModelConfig
+  attend_len: Optional[int] = None
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array,
                cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
     cfg = self.cfg
-    embedding = _param(self, "embedding", nn.initializers.normal(stddev=cfg.embed_dim**-0.5),
-                       (cfg.vocab_size, cfg.embed_dim), (VOCAB, EMBED), cfg.dtype)
+    embedding = _param(self, "embedding",
+                       nn.initializers.normal(stddev=cfg.embed_dim**-0.5),
+                       (cfg.vocab_size, cfg.embed_dim), (VOCAB, EMBED), cfg)
+    if not cfg.tie_embeddings:
+      _param(self, "lm_head", nn.initializers.normal(stddev=0.02),
+             (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB), cfg)
     x = jnp.take(embedding, tokens, axis=0)
     if cfg.scale_embeddings:
       x = x * jnp.asarray(math.sqrt(cfg.embed_dim), cfg.dtype)
     x = nn.with_logical_constraint(x, (A_BATCH, A_LENGTH, A_EMBED))
-    new_k, new_v = [], []
-    for i in range(cfg.num_layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = Block(cfg, i, name=f"layer_{i}")(x, positions, kv)
-      if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-    x = RMSNorm(cfg.norm_plus_one, cfg.norm_eps, EMBED, cfg.dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      head = embedding.T
-    else:
-      head = _param(self, "lm_head", nn.initializers.normal(stddev=0.02),
-                    (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB), cfg.dtype)
-    logits = jnp.einsum("bsd,dv->bsv", x.astype(jnp.float32), head.astype(jnp.float32))
-    logits = _softcap(logits, cfg.final_logit_softcap)
-    logits = nn.with_logical_constraint(logits, (A_BATCH, A_LENGTH, A_VOCAB))
-    new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v))
-    return logits, new_cache
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: LAYERS})
+    (x, cache), _ = layers(cfg, self.attend_len, name="layers")(
+        (x, cache), layer_kinds(cfg), positions)
+    return RMSNorm(cfg, name="final_norm")(x), cache
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> Any:
-  """Random parameters (plain arrays, logical-axis boxes removed)."""
+  """Random parameters (plain arrays in `param_dtype`, logical-axis boxes removed)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   variables = Transformer(cfg).init(rng, tokens, tokens)
   return nn.unbox(variables["params"])
@@ -285,13 +359,30 @@ def logical_axes(cfg: ModelConfig) -> Any:
   return nn.get_partition_spec(abstract)["params"]
 
 
+def apply(cfg: ModelConfig, params: Any, tokens: Array, positions: Array,
+          cache: Optional[KVCache] = None, attend_len: Optional[int] = None
+          ) -> tuple[Array, Optional[KVCache]]:
+  """Pure apply of the body: hidden states [B, S, D] (compute dtype) and the updated cache."""
+  return Transformer(cfg, attend_len).apply({"params": params}, tokens, positions, cache)
+
+
+def logits_of(cfg: ModelConfig, params: Any, hidden: Array) -> Array:
+  """float32 logits [..., V] of hidden states [..., D] (final softcap applied).
+
+  Only the output head of `params` is read: `embedding` (tied) or `lm_head`.
+  """
+  h = hidden.astype(cfg.dtype)
+  if cfg.tie_embeddings:
+    logits = _dot32("...d,vd->...v", h, params["embedding"].astype(cfg.dtype))
+  else:
+    logits = _dot32("...d,dv->...v", h, params["lm_head"].astype(cfg.dtype))
+  return _softcap(logits, cfg.final_logit_softcap)
+
+
 def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array,
             cache: Optional[KVCache] = None) -> tuple[Array, Optional[KVCache]]:
-  """Pure apply: float32 logits [B, S, V] and the updated cache (None without one)."""
-  return Transformer(cfg).apply({"params": params}, tokens, positions, cache)
-
-
-def token_logprobs(logits: Array, targets: Array, temperature: float = 1.0) -> Array:
-  """log softmax(logits / temperature)[targets], in float32. logits [..., V], targets [...]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  """float32 logits [B, S, V] and the updated cache. Holds all [B, S, V] logits: for long
+  sequences and big vocabularies use `apply` with `logprobs.token_logprobs`."""
+  hidden, cache = apply(cfg, params, tokens, positions, cache)
+  logits = logits_of(cfg, params, hidden)
+  return nn.with_logical_constraint(logits, (A_BATCH, A_LENGTH, A_VOCAB)), cache

@@ -19,6 +19,7 @@ import numpy as np
 
 from score_jax import chat
 from score_jax import sampler as sampler_lib
+from score_jax import sampling
 from score_jax import tasks
 from score_jax import vocab as vocab_lib
 
@@ -70,11 +71,11 @@ class Rollout:
 
 
 def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
-             examples: Sequence[tasks.Example], rng: Any, temperature: float,
+             examples: Sequence[tasks.Example], rng: Any, method: sampling.Method,
              samples_per_prompt: int = 1) -> Rollout:
   """Samples every attempt for each example, `samples_per_prompt` times (rows contiguous)."""
   repeated = [e for e in examples for _ in range(samples_per_prompt)]
-  out = sampler(params, [conv.prompt_ids(e) for e in repeated], rng, temperature)
+  out = sampler(params, [conv.prompt_ids(e) for e in repeated], rng, method)
   return Rollout(repeated, out, conv.decode_attempts(out), conv.truncated(out))
 
 

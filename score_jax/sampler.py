@@ -1,8 +1,9 @@
 """Multi-attempt sampler: attempt 1, self-correction instruction, attempt 2, ... in ONE program.
 
-`sample` is a pure function compiled once per shape: it prefills the prompts, decodes attempt 1
-in a `lax.while_loop` with a KV cache, appends the instruction tokens, decodes attempt 2
-conditioned on everything before, and so on for K attempts.
+`sample` is a pure function compiled once per shape and sampling method: it prefills the
+prompts, decodes attempt 1 in a `lax.while_loop` over a `SamplingState`, appends the
+instruction tokens, decodes attempt 2 conditioned on everything before, and so on for K
+attempts.
 
 Layout. Every sequence lives in one buffer of T = P + K * N + (K - 1) * L slots (P prompt
 slots, N new tokens per attempt, L instruction tokens), written contiguously from slot 0: a
@@ -12,14 +13,22 @@ show it. Position == cache slot, and a query at position p attends slots <= p (s
 Slots past a sequence's end may hold stale keys; they are always overwritten before any query
 can see them.
 
+Cost of a decode step. The KV cache lives in the loop carry and each layer writes its one new
+key/value per row in place (no copy of the cache per token); prompts are prefilled without
+logits except at each prompt's last position; attention reads only the slots an attempt can
+have reached (`attend_len`, static per attempt), not the whole buffer; the cache may be kept
+in bfloat16 (`cache_dtype`).
+
 A sampled end-of-turn token is part of its attempt (its log-prob is trained like any other);
 an attempt that reaches N tokens without one is cut there.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -28,6 +37,7 @@ import numpy as np
 
 from score_jax import model as model_lib
 from score_jax import partitioning
+from score_jax import sampling
 
 Array = jax.Array
 
@@ -46,123 +56,152 @@ class SampleOutput:
   attempt_lengths: Array   # int32 [K, B]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingState:
+  """The decode loop's carry (B sequences, T slots, V vocabulary)."""
+  tokens: Array          # int32 [B, T] conversation buffer
+  attempt: Array         # int32 [B, T] attempt id of each slot (0: context)
+  logprobs: Array        # float32 [B, T]
+  pos: Array             # int32 [B] next free slot = length so far
+  cache: model_lib.KVCache
+  next_logits: Array     # float32 [B, V]: predicts the token at `pos`
+  rng: Array
+
+
 def buffer_length(prompt_len: int, num_attempts: int, max_new_tokens: int,
                   instruction_len: int) -> int:
   return prompt_len + num_attempts * max_new_tokens + (num_attempts - 1) * instruction_len
 
 
-def _choose(logits: Array, temperature: Array, rng: Array) -> tuple[Array, Array]:
-  """Samples (temperature > 0) or takes the argmax (temperature == 0) of logits [B, V].
+def _write(buf: Array, pos: Array, values: Array) -> Array:
+  """buf [B, T] with values [B, S] written at slots pos[:, None] + arange(S)."""
+  rows = jnp.arange(buf.shape[0])[:, None]
+  return buf.at[rows, pos[:, None] + jnp.arange(values.shape[1])].set(values)
 
-  Returns token ids [B] and their float32 log-probs under softmax(logits / temperature)
-  (plain softmax when greedy), i.e. the distribution actually used.
-  """
-  logits = logits.astype(jnp.float32)
-  safe_t = jnp.where(temperature > 0, temperature, 1.0)
-  logp = jax.nn.log_softmax(logits / safe_t, axis=-1)
-  gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
-  tokens = jnp.where(temperature > 0, jnp.argmax(logp + gumbel, axis=-1),
-                     jnp.argmax(logits, axis=-1))
-  return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+def _decode_attempt(state: SamplingState, k: int, *, params, model_cfg, method, max_new_tokens,
+                    eot_id, pad_id, attend_len) -> SamplingState:
+  """Samples attempt k (1-based) of every row until each has ended or N tokens are written."""
+
+  def cond(carry):
+    step, done, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, done, s = carry
+    rng, sub = jax.random.split(s.rng)
+    tok, lp = method.choose(s.next_logits, sub)
+    active = ~done
+    tok = jnp.where(active, tok, pad_id)
+    # Ended rows write pad / 0 into the free slot at their end, which holds exactly that.
+    tokens = _write(s.tokens, s.pos, tok[:, None])
+    attempt = _write(s.attempt, s.pos, jnp.where(active, k, 0)[:, None])
+    logprobs = _write(s.logprobs, s.pos, jnp.where(active, lp, 0.0)[:, None])
+    # Feed the token. Ended rows write a stale key at their free slot: never attended, since
+    # the instruction (or nothing) is written there before any query can reach it.
+    hidden, cache = model_lib.apply(model_cfg, params, tok[:, None], s.pos[:, None], s.cache,
+                                    attend_len)
+    s = SamplingState(tokens, attempt, logprobs, s.pos + active.astype(jnp.int32), cache,
+                      model_lib.logits_of(model_cfg, params, hidden[:, 0]), rng)
+    done = done | (tok == eot_id) | (step + 1 >= max_new_tokens)
+    return step + 1, done, s
+
+  batch = state.pos.shape[0]
+  _, _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.zeros(batch, bool), state))
+  return state
+
+
+def _attempt_views(state: SamplingState, num_attempts: int, max_new_tokens: int, pad_id: int):
+  """Each attempt's tokens, log-probs, mask [K, B, N] and lengths [K, B], read off the buffer."""
+  slots = jnp.arange(state.tokens.shape[1])
+  toks, lps, masks, lengths = [], [], [], []
+  for k in range(1, num_attempts + 1):
+    is_k = state.attempt == k
+    length = is_k.sum(axis=1).astype(jnp.int32)
+    start = jnp.argmax(is_k, axis=1)  # attempt k is contiguous from its first slot
+    idx = jnp.minimum(start[:, None] + jnp.arange(max_new_tokens), slots[-1])
+    mask = jnp.arange(max_new_tokens)[None, :] < length[:, None]
+    toks.append(jnp.where(mask, jnp.take_along_axis(state.tokens, idx, axis=1), pad_id))
+    lps.append(jnp.where(mask, jnp.take_along_axis(state.logprobs, idx, axis=1), 0.0))
+    masks.append(mask)
+    lengths.append(length)
+  return jnp.stack(toks), jnp.stack(lps), jnp.stack(masks), jnp.stack(lengths)
 
 
 def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Array,
-           rng: Array, temperature: Array, *, model_cfg: model_lib.ModelConfig,
-           num_attempts: int, max_new_tokens: int, eot_id: int,
-           pad_id: int) -> SampleOutput:
+           rng: Array, *, model_cfg: model_lib.ModelConfig, method: sampling.Method,
+           num_attempts: int, max_new_tokens: int, eot_id: int, pad_id: int,
+           cache_dtype: Any = None) -> SampleOutput:
   """Generates `num_attempts` attempts per prompt. Pure; jit with the keyword args static.
 
   Args:
-    params: model parameters.
+    params: model parameters (any dtype; cast to the compute dtype where used).
     prompts: int32 [B, P], each row left-aligned, pad after its length.
     prompt_lengths: int32 [B], each in [1, P].
     instruction: int32 [L], tokens placed after each attempt but the last (the chat text
       closing the model turn, the self-correction instruction and the opening of the next
       model turn).
-    rng: PRNG key.
-    temperature: float32 scalar; 0 is greedy.
+    rng: PRNG key (unused by greedy decoding).
+    method: how tokens are chosen (`sampling.Greedy()` or `sampling.Sampling(...)`).
+    cache_dtype: dtype of the KV cache; None: the model's compute dtype.
   """
   batch, prompt_len = prompts.shape
-  k_att, n_new, n_instr = num_attempts, max_new_tokens, instruction.shape[0]
-  total = buffer_length(prompt_len, k_att, n_new, n_instr)
+  n_instr = instruction.shape[0]
+  total = buffer_length(prompt_len, num_attempts, max_new_tokens, n_instr)
   rows = jnp.arange(batch)
 
-  def run(tokens, positions, cache):
-    return model_lib.forward(model_cfg, params, tokens, positions, cache)
-
-  # Prefill the prompts; the logits at each prompt's last token predict its first new token.
-  cache = model_lib.init_cache(model_cfg, batch, total)
+  cache = model_lib.init_cache(model_cfg, batch, total, cache_dtype)
+  cache = jax.tree.map(lambda c: nn.with_logical_constraint(
+      c, (None, model_lib.A_BATCH, None, model_lib.A_KV_HEADS, None)), cache)
+  # Prefill: logits only at each prompt's last token, which predicts its first new token.
   positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-  logits, cache = run(prompts, positions, cache)
-  next_logits = logits[rows, prompt_lengths - 1]
-  buf = jnp.full((batch, total), pad_id, jnp.int32).at[:, :prompt_len].set(prompts)
-  buf = jnp.where(jnp.arange(total) < prompt_lengths[:, None], buf, pad_id)
-  state = dict(
-      buf=buf, attempt=jnp.zeros((batch, total), jnp.int32),
-      logprobs=jnp.zeros((batch, total), jnp.float32),
-      pos=prompt_lengths.astype(jnp.int32), cache=cache, next_logits=next_logits, rng=rng)
+  hidden, cache = model_lib.apply(model_cfg, params, prompts, positions, cache, prompt_len)
+  tokens = jnp.full((batch, total), pad_id, jnp.int32).at[:, :prompt_len].set(prompts)
+  tokens = jnp.where(jnp.arange(total) < prompt_lengths[:, None], tokens, pad_id)
+  state = SamplingState(
+      tokens=tokens, attempt=jnp.zeros((batch, total), jnp.int32),
+      logprobs=jnp.zeros((batch, total), jnp.float32), pos=prompt_lengths.astype(jnp.int32),
+      cache=cache,
+      next_logits=model_lib.logits_of(model_cfg, params, hidden[rows, prompt_lengths - 1]),
+      rng=rng)
 
-  att_tokens, att_logprobs, att_mask, att_lengths = [], [], [], []
-  for k in range(1, k_att + 1):
-    # --- Decode attempt k: one token per sequence per step until all are done. ---
-    def cond(carry):
-      step, done, _, _, _, _ = carry
-      return (step < n_new) & ~jnp.all(done)
-
-    def body(carry, k=k):
-      step, done, s, toks, lps, mask = carry
-      rng, sub = jax.random.split(s["rng"])
-      tok, lp = _choose(s["next_logits"], temperature, sub)
-      active = ~done
-      tok = jnp.where(active, tok, pad_id)
-      pos = s["pos"]
-      write = lambda a, v: a.at[rows, pos].set(jnp.where(active, v, a[rows, pos]))
-      new = dict(s, rng=rng, buf=write(s["buf"], tok), attempt=write(s["attempt"], k),
-                 logprobs=write(s["logprobs"], lp))
-      # Feed the token (inactive rows write a stale key at their next free slot: harmless).
-      logits, new["cache"] = run(tok[:, None], pos[:, None], s["cache"])
-      new["next_logits"] = logits[:, 0]
-      new["pos"] = pos + active.astype(jnp.int32)
-      toks = toks.at[:, step].set(tok)
-      lps = lps.at[:, step].set(jnp.where(active, lp, 0.0))
-      mask = mask.at[:, step].set(active)
-      done = done | (tok == eot_id) | (step + 1 >= n_new)
-      return step + 1, done, new, toks, lps, mask
-
-    init = (jnp.int32(0), jnp.zeros((batch,), bool), state,
-            jnp.full((batch, n_new), pad_id, jnp.int32), jnp.zeros((batch, n_new), jnp.float32),
-            jnp.zeros((batch, n_new), bool))
-    _, _, state, toks, lps, mask = jax.lax.while_loop(cond, body, init)
-    att_tokens.append(toks)
-    att_logprobs.append(lps)
-    att_mask.append(mask)
-    att_lengths.append(mask.sum(axis=1).astype(jnp.int32))
-
-    if k < k_att:  # --- Append the instruction at each sequence's own position. ---
-      positions = state["pos"][:, None] + jnp.arange(n_instr)
+  decode = functools.partial(_decode_attempt, params=params, model_cfg=model_cfg,
+                             method=method, max_new_tokens=max_new_tokens, eot_id=eot_id,
+                             pad_id=pad_id)
+  for k in range(1, num_attempts + 1):
+    # Slots a row can have reached by the end of attempt k (static): the attention span.
+    reach = prompt_len + k * max_new_tokens + (k - 1) * n_instr
+    state = decode(state, k, attend_len=reach)
+    if k < num_attempts:  # Append the instruction at each sequence's own position.
       chunk = jnp.broadcast_to(instruction, (batch, n_instr))
-      logits, cache = run(chunk, positions, state["cache"])
-      state = dict(state, cache=cache, buf=state["buf"].at[rows[:, None], positions].set(chunk),
-                   pos=state["pos"] + n_instr, next_logits=logits[:, -1])
+      positions = state.pos[:, None] + jnp.arange(n_instr)
+      hidden, cache = model_lib.apply(model_cfg, params, chunk, positions, state.cache,
+                                      reach + n_instr)
+      state = dataclasses.replace(
+          state, tokens=_write(state.tokens, state.pos, chunk), pos=state.pos + n_instr,
+          cache=cache, next_logits=model_lib.logits_of(model_cfg, params, hidden[:, -1]))
 
-  return SampleOutput(
-      tokens=state["buf"], attempt=state["attempt"], logprobs=state["logprobs"],
-      lengths=state["pos"], attempt_tokens=jnp.stack(att_tokens),
-      attempt_logprobs=jnp.stack(att_logprobs), attempt_mask=jnp.stack(att_mask),
-      attempt_lengths=jnp.stack(att_lengths))
+  att_tokens, att_logprobs, att_mask, att_lengths = _attempt_views(
+      state, num_attempts, max_new_tokens, pad_id)
+  return SampleOutput(tokens=state.tokens, attempt=state.attempt, logprobs=state.logprobs,
+                      lengths=state.pos, attempt_tokens=att_tokens,
+                      attempt_logprobs=att_logprobs, attempt_mask=att_mask,
+                      attempt_lengths=att_lengths)
 
 
 class Sampler:
   """Host-side front end: pads prompts, checks sizes, calls the compiled `sample`.
 
-  One compiled program per (batch, prompt_len) shape; calls at the same shapes reuse it.
-  With a `mesh`, the batch is split over its ("data", "fsdp") axes; in a multi-host run every
-  process passes its own prompts and gets back its own rows.
+  One compiled program per (batch, prompt_len) shape and sampling method; calls at the same
+  shapes and method reuse it. With a `mesh`, the batch is split over its ("data", "fsdp")
+  axes; in a multi-host run every process passes its own prompts and gets back its own rows.
   """
 
   def __init__(self, model_cfg: model_lib.ModelConfig, *, num_attempts: int,
                max_new_tokens: int, max_prompt_len: int, instruction: Sequence[int],
-               eot_id: int, pad_id: int, mesh: Optional[Mesh] = None):
+               eot_id: int, pad_id: int, mesh: Optional[Mesh] = None,
+               cache_dtype: Any = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
     self.model_cfg = model_cfg
@@ -173,17 +212,18 @@ class Sampler:
     self.pad_id = pad_id
     self.total_len = buffer_length(max_prompt_len, num_attempts, max_new_tokens,
                                    len(self.instruction))
-    fn = lambda *args: sample(
-        *args, model_cfg=model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
-        eot_id=eot_id, pad_id=pad_id)
+    fn = functools.partial(
+        sample, model_cfg=model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
+        eot_id=eot_id, pad_id=pad_id, cache_dtype=cache_dtype)
     self._mesh = mesh
     if mesh is None:
-      self._sample = jax.jit(fn)
+      self._sample = jax.jit(fn, static_argnames="method")
     else:
       rows = NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES))
       per_attempt = NamedSharding(mesh, PartitionSpec(None, partitioning.BATCH_AXES))
       self._specs = SampleOutput(*[rows.spec] * 4, *[per_attempt.spec] * 4)
-      self._sample = jax.jit(fn, out_shardings=SampleOutput(*[rows] * 4, *[per_attempt] * 4))
+      self._sample = jax.jit(fn, static_argnames="method",
+                             out_shardings=SampleOutput(*[rows] * 4, *[per_attempt] * 4))
 
   def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (int32 [B, max_prompt_len] right-padded, int32 [B] lengths)."""
@@ -199,11 +239,10 @@ class Sampler:
     return out, lengths
 
   def __call__(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
-               temperature: float) -> SampleOutput:
+               method: sampling.Method) -> SampleOutput:
     padded, lengths = self.pad_prompts(prompts)
     if self._mesh is None:
-      return self._sample(params, padded, lengths, self.instruction, rng,
-                          jnp.float32(temperature))
+      return self._sample(params, padded, lengths, self.instruction, rng, method=method)
     # Pad this host's rows to a multiple of its share of the data-parallel devices.
     n = len(prompts)
     share = max(1, math.prod(self._mesh.shape[a] for a in partitioning.BATCH_AXES)
@@ -212,8 +251,7 @@ class Sampler:
     padded = np.concatenate([padded, np.repeat(padded[:1], extra, 0)])
     lengths = np.concatenate([lengths, np.repeat(lengths[:1], extra)])
     padded, lengths = partitioning.host_local_to_global((padded, lengths), self._mesh)
-    out = self._sample(params, padded, lengths, self.instruction, rng,
-                       jnp.float32(temperature))
+    out = self._sample(params, padded, lengths, self.instruction, rng, method=method)
     out = multihost_utils.global_array_to_host_local_array(out, self._mesh, self._specs)
     rows_of = lambda x, axis: np.take(np.asarray(x), np.arange(n), axis=axis)
     return SampleOutput(*[rows_of(x, 0) for x in (out.tokens, out.attempt, out.logprobs,

@@ -14,15 +14,17 @@ Batch (numpy or jax arrays, leading dim B):
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from score_jax import logprobs
 from score_jax import model as model_lib
 from score_jax import objectives
+from score_jax import sampling
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -44,52 +46,56 @@ def init_state(params: Any, optimizer: optax.GradientTransformation,
                     opt_state=optimizer.init(params), ref_params=ref_params)
 
 
-def _shifted_logits(model_cfg, params, tokens):
-  """Logits [B, T-1, V] predicting tokens[:, 1:] from the full causal forward."""
+def _shifted_logprobs(model_cfg, params, tokens, log_probs_fn=None, chunk_len=None):
+  """(logp, entropy, top1), each float32 [B, T-1], of tokens[:, 1:] under the causal forward.
+
+  Chunked over the sequence (`logprobs.token_logprobs`): no [B, T, V] logits are held.
+  """
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  logits, _ = model_lib.forward(model_cfg, params, tokens, positions)
-  return logits[:, :-1]
+  hidden, _ = model_lib.apply(model_cfg, params, tokens, positions)
+  return logprobs.token_logprobs(model_cfg, params, hidden[:, :-1], tokens[:, 1:],
+                                 log_probs_fn, chunk_len)
 
 
 def reference_logprobs(ref_params: Any, tokens: Array, *, model_cfg: model_lib.ModelConfig,
-                       temperature: float) -> Array:
+                       method: sampling.Method, chunk_len: Optional[int] = None) -> Array:
   """Log-probs [B, T-1] of tokens[:, 1:] under the frozen reference, without gradients.
 
-  Kept out of the train step so that the trainer can dispatch it right after sampling and
-  let the device compute it while the host checks the rewards.
+  Under `method.log_probs`, the distribution the rollouts were sampled from. Kept out of the
+  train step so that the trainer can dispatch it right after sampling and let the device
+  compute it while the host checks the rewards.
   """
-  logits = _shifted_logits(model_cfg, jax.lax.stop_gradient(ref_params), tokens)
-  return jax.lax.stop_gradient(model_lib.token_logprobs(logits, tokens[:, 1:], temperature))
+  logp, _, _ = _shifted_logprobs(model_cfg, jax.lax.stop_gradient(ref_params), tokens,
+                                 method.log_probs, chunk_len)
+  return jax.lax.stop_gradient(logp)
 
 
 def policy_loss(params: Any, ref_params: Any, batch: Batch, *,
                 model_cfg: model_lib.ModelConfig, objective: objectives.ObjectiveConfig,
-                temperature: float) -> tuple[Array, dict[str, Array]]:
+                method: sampling.Method, chunk_len: Optional[int] = None
+                ) -> tuple[Array, dict[str, Array]]:
   """SCoRe / RL loss of one batch (which carries `ref_logp` from `reference_logprobs`).
 
-  Log-probs at the sampling temperature, in float32.
+  Log-probs under `method.log_probs` (the sampling distribution: temperature, truncation),
+  in float32.
   """
   del ref_params  # Already used: batch["ref_logp"].
-  tokens, targets, attempt = batch["tokens"], batch["tokens"][:, 1:], batch["attempt"][:, 1:]
-  logits = _shifted_logits(model_cfg, params, tokens).astype(jnp.float32) / temperature
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return objectives.loss_fn(objective, logp, batch["ref_logp"], attempt, batch["rewards"],
-                            jax.lax.stop_gradient(entropy))
+  logp, entropy, _ = _shifted_logprobs(model_cfg, params, batch["tokens"], method.log_probs,
+                                       chunk_len)
+  return objectives.loss_fn(objective, logp, batch["ref_logp"], batch["attempt"][:, 1:],
+                            batch["rewards"], entropy)
 
 
 def sft_loss(params: Any, ref_params: Any, batch: Batch, *,
-             model_cfg: model_lib.ModelConfig) -> tuple[Array, dict[str, Array]]:
+             model_cfg: model_lib.ModelConfig, chunk_len: Optional[int] = None
+             ) -> tuple[Array, dict[str, Array]]:
   """Mean next-token cross-entropy over attempt tokens (the SFT base model and baselines)."""
   del ref_params
-  targets = batch["tokens"][:, 1:]
   mask = (batch["attempt"][:, 1:] > 0).astype(jnp.float32)
-  logits = _shifted_logits(model_cfg, params, batch["tokens"])
-  logp = model_lib.token_logprobs(logits, targets)
+  logp, _, top1 = _shifted_logprobs(model_cfg, params, batch["tokens"], chunk_len=chunk_len)
   n = jnp.maximum(mask.sum(), 1.0)
   loss = -jnp.sum(logp * mask) / n
-  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * mask) / n
+  accuracy = jnp.sum(top1 * mask) / n
   return loss, {"loss": loss, "token_accuracy": accuracy}
 
 

@@ -15,7 +15,6 @@ crash) and, at the end, WORKDIR/export (the final weights, for the next stage or
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -32,10 +31,12 @@ import optax
 from score_jax import checkpoints
 from score_jax import data as data_lib
 from score_jax import evaluation
+from score_jax import metric_writers
 from score_jax import model as model_lib
 from score_jax import objectives
 from score_jax import partitioning
 from score_jax import rollout as rollout_lib
+from score_jax import sampling
 from score_jax import tasks
 from score_jax import train_step as ts
 from score_jax.rewards import pool as pool_lib
@@ -60,6 +61,9 @@ class RunConfig:
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   temperature: float = 1.0        # sampling temperature of training rollouts
+  top_k: Optional[int] = None     # optional truncations of the rollout distribution (the
+  top_p: Optional[float] = None   # trained log-probs are those of the truncated one)
+  min_p: Optional[float] = None
   num_attempts: int = 2
   max_new_tokens: int = 64
   max_prompt_len: int = 128
@@ -96,42 +100,6 @@ def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
     lr = cfg.learning_rate
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(lr, weight_decay=cfg.weight_decay))
-
-
-class MetricsWriter:
-  """metrics.jsonl + TensorBoard + a console progress line with ETA (process 0 only)."""
-
-  def __init__(self, workdir: str, total_steps: int, start_step: int):
-    self._on = jax.process_index() == 0
-    self._total, self._start, self._t0 = total_steps, start_step, time.time()
-    if self._on:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, metrics: dict[str, Any], console: bool) -> None:
-    if not self._on:
-      return
-    metrics = {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      if isinstance(v, float):
-        self._tb.add_scalar(k, v, step)
-    if console:
-      done = step - self._start
-      rate = done / max(time.time() - self._t0, 1e-9)
-      eta = (self._total - step) / max(rate, 1e-9)
-      keys = [k for k in ("loss", "reward_t1", "reward_t2", "delta", "kl_t1", "kl_t2",
-                          "token_accuracy") if k in metrics]
-      shown = " ".join(f"{k}={metrics[k]:.4f}" for k in keys)
-      print(f"[{step}/{self._total}] {shown} | {rate:.2f} steps/s, ETA {eta:.0f}s",
-            file=sys.stderr, flush=True)
-
-  def close(self) -> None:
-    if self._on:
-      self._jsonl.close()
-      self._tb.close()
 
 
 def state_shardings(state_shapes, model_cfg, mesh, rules):
@@ -201,7 +169,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     if objective.kind != mode:
       raise UserError(f"mode {mode!r} but the gin objective kind is {objective.kind!r}")
     loss_fn = functools.partial(ts.policy_loss, model_cfg=model_cfg, objective=objective,
-                                temperature=cfg.temperature)
+                                method=sampling_method(cfg))
   init_fn = lambda p, r: ts.init_state(p, optimizer, r)
   state_shapes = jax.eval_shape(init_fn, policy.params, ref_params)
   state_sh = state_shardings(state_shapes, model_cfg, mesh, rules)
@@ -229,7 +197,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     logging.info("Resumed %s from step %d in %s", mode, start, workdir)
     print(f"Resuming {mode} from step {start}", file=sys.stderr, flush=True)
 
-  writer = MetricsWriter(workdir, cfg.steps, start)
+  writer = metric_writers.MetricsWriter(workdir, cfg.steps, start)
   pool = None if mode == "sft" else make_pool(cfg.reward_workers)
   rng = jax.random.PRNGKey(cfg.seed)
   try:
@@ -270,14 +238,14 @@ def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh
   """One RL step. Returns (device metrics, host metrics, new state)."""
   t0 = time.time()
   with partitioning.with_mesh_and_rules(mesh, rules):
-    ro = rollout_lib.generate(conv, sampler, state.params, examples, rng, cfg.temperature,
-                              cfg.samples_per_prompt)
+    ro = rollout_lib.generate(conv, sampler, state.params, examples, rng,
+                              sampling_method(cfg), cfg.samples_per_prompt)
     t_sampled = time.time()
     rewards_future = rollout_lib.score(pool, task, ro)  # Each host checks its own rows.
     batch = partitioning.host_local_to_global(
         {"tokens": ro.output.tokens, "attempt": ro.output.attempt}, mesh)
     # Dispatched asynchronously: the device computes while the host waits for the rewards.
-    batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, cfg.temperature)(
+    batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, sampling_method(cfg))(
         state.ref_params, batch["tokens"])
     t_dispatched = time.time()
     batch["rewards"] = partitioning.host_local_to_global(rewards_future.result(), mesh)
@@ -293,6 +261,11 @@ def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh
 
 
 @functools.cache
-def ref_logprobs_fn(model_cfg, temperature):
-  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg,
-                                   temperature=temperature))
+def ref_logprobs_fn(model_cfg, method):
+  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg, method=method))
+
+
+def sampling_method(cfg: RunConfig) -> sampling.Method:
+  """How training rollouts are sampled (and so the distribution whose log-probs are trained)."""
+  return sampling.from_temperature(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   min_p=cfg.min_p)

@@ -1,9 +1,41 @@
-"""The paper's metrics against hand-computed values."""
+"""The paper's metrics against hand-computed values; edit distances against a slow reference."""
+
+import json
 
 import numpy as np
 import pytest
 
 from score_jax import evaluation
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def reference_edit_distance(a: str, b: str) -> int:
+  """Levenshtein distance by the textbook dynamic programme, O(len(a) * len(b))."""
+  prev = list(range(len(b) + 1))
+  for i, ca in enumerate(a, 1):
+    cur = [i]
+    for j, cb in enumerate(b, 1):
+      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+    prev = cur
+  return prev[-1]
+
+
+def random_pairs(seed: int, count: int) -> list[list[str]]:
+  """Pairs of random texts over a small alphabet (with non-ASCII), the second often an edit
+  of the first."""
+  rng = np.random.default_rng(seed)
+  alphabet = list("ab c1=\né€😀")
+  pairs = []
+  for _ in range(count):
+    a = "".join(rng.choice(alphabet, rng.integers(0, 30)))
+    if rng.random() < 0.5:
+      b = "".join(rng.choice(alphabet, rng.integers(0, 30)))
+    else:
+      cut = int(rng.integers(0, len(a) + 1))
+      b = a[:cut] + "".join(rng.choice(alphabet, rng.integers(0, 4))) + a[cut + 1:]
+    pairs.append([a, b])
+  return pairs
 
 
 def test_metrics_on_a_hand_made_table():
@@ -24,10 +56,19 @@ def test_metrics_on_a_hand_made_table():
   assert m["edit_ratio_zero_fraction"] == pytest.approx(0.4)
 
 
-def test_edit_distance():
-  assert evaluation.edit_distance("kitten", "sitting") == 3
-  assert evaluation.edit_distance("", "abc") == 3
+def test_edit_ratio_matches_the_reference():
+  assert reference_edit_distance("kitten", "sitting") == 3
+  assert evaluation.edit_ratio("kitten", "sitting") == pytest.approx(3 / 13)
+  assert evaluation.edit_ratio("", "abc") == 1.0
+  assert evaluation.edit_ratio("", "") == 0.0
   assert evaluation.edit_ratio("same", "same") == 0.0
+  pairs = random_pairs(0, 300)
+  expected = [reference_edit_distance(a, b) / max(1, len(a) + len(b)) for a, b in pairs]
+  assert [evaluation.edit_ratio(a, b) for a, b in pairs] == pytest.approx(expected, abs=1e-12)
+  # The batched form, with extra attempts that it ignores.
+  ratios = evaluation.edit_ratios([[a, b, "third"] for a, b in pairs])
+  assert ratios.shape == (300,)
+  assert ratios == pytest.approx(expected, abs=1e-12)
 
 
 def test_bad_shapes_are_errors():
@@ -41,3 +82,16 @@ def test_markdown_table_in_percent():
   m = evaluation.self_correction_metrics(np.array([[0, 1], [1, 1]], np.float32))
   table = evaluation.markdown_table({"SCoRe": m})
   assert "| SCoRe | 50.0 | 100.0 | 50.0 | 50.0 | 0.0 |" in table
+
+
+def test_write_results_draws_the_edit_ratio_histogram(tmp_path):
+  texts = random_pairs(1, 40)
+  rewards = np.random.default_rng(1).integers(0, 2, (40, 2))
+  m = evaluation.self_correction_metrics(rewards, texts)
+  samples = [{"id": i, "attempts": t, "rewards": r.tolist()} for i, (t, r) in
+             enumerate(zip(texts, rewards))]
+  evaluation.write_results(str(tmp_path), m, samples)
+  assert json.loads((tmp_path / "results.json").read_text())["n"] == 40
+  assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 40
+  # Its content is checked in test_report.py.
+  assert (tmp_path / evaluation.HISTOGRAM).read_bytes().startswith(PNG_SIGNATURE)

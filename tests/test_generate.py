@@ -14,6 +14,7 @@ from score_jax import checkpoints
 from score_jax import generate
 from score_jax import loading
 from score_jax import model as model_lib
+from score_jax import sampling
 from score_jax import tasks
 from score_jax import toy
 from score_jax import vocab as vocab_lib
@@ -112,7 +113,7 @@ def test_attempts_equal_full_recompute_of_the_whole_conversation(toy_workdir):
   assert ids == [model.vocab.bos_id] + model.vocab.encode("3+9+4\n")
   stop = chat.stop_token_id(fmt, model.vocab)
   attempts = generate.generate(model, ids, instruction_ids, stop, num_attempts=2,
-                               max_new_tokens=12, temperature=0.0, seed=0)
+                               max_new_tokens=12, method=sampling.Greedy(), seed=0)
   first = greedy_full_recompute(model.cfg, model.params, ids, 12, stop)
   second = greedy_full_recompute(model.cfg, model.params, ids + first + instruction_ids, 12,
                                  stop)
@@ -128,7 +129,7 @@ def test_an_attempt_ends_at_the_formats_stop_token(toy_model):
   # Sampled (a fixed seed draws the same tokens up to the stop), so the tokens vary.
   sample = lambda stop, k: generate.generate(
       toy_model, ids, instruction_ids, stop, num_attempts=k, max_new_tokens=16,
-      temperature=1.0, seed=1)
+      method=sampling.Sampling(1.0), seed=1)
   free = sample(-1, 1)[0]  # -1: no token stops it.
   tokens = vocab.encode(free.text)
   assert len(tokens) == 16 and not free.stopped

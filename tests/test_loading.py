@@ -284,7 +284,7 @@ def test_save_params_round_trip(tmp_path):
   directory = str(tmp_path / "export")
   loading.save_params(directory, cfg, params, vocab_source=str(vocab_file))
   got_cfg, got = loading._load_model(directory, jnp.bfloat16)
-  assert got_cfg == dataclasses.replace(cfg, dtype=jnp.bfloat16)
+  assert got_cfg == dataclasses.replace(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(params)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
     assert isinstance(a, np.ndarray) and a.dtype == jnp.bfloat16

@@ -109,7 +109,7 @@ def test_opt_state_shardings_follow_params():
   cfg = model_lib.tiny_config()
   params = _params_shapes(cfg)
   param_specs = _specs(partitioning.model_param_shardings(cfg, mesh, RULES))
-  assert param_specs["layer_0"]["attn"]["q"] == P("fsdp", "tensor", None)
+  assert param_specs["layers"]["attn"]["q"] == P(None, "fsdp", "tensor", None)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
   state = partitioning.opt_state_shardings(jax.eval_shape(tx.init, params),
                                            partitioning.model_param_shardings(cfg, mesh, RULES),
@@ -156,10 +156,10 @@ def _check_shardings():
   odd = model_lib.tiny_config(vocab_size=63, num_kv_heads=1)
   specs = _specs(partitioning.model_param_shardings(odd, mesh, RULES))
   assert specs["embedding"] == P(None, "fsdp")
-  assert specs["layer_1"]["attn"]["k"] == P("fsdp", None, None)
-  assert specs["layer_1"]["attn"]["o"] == P("tensor", None, "fsdp")
-  assert specs["layer_1"]["mlp"]["down"] == P("tensor", "fsdp")
-  assert specs["layer_1"]["attn"]["q_norm"]["scale"] == P(None)
+  assert specs["layers"]["attn"]["k"] == P(None, "fsdp", None, None)
+  assert specs["layers"]["attn"]["o"] == P(None, "tensor", None, "fsdp")
+  assert specs["layers"]["mlp"]["down"] == P(None, "tensor", "fsdp")
+  assert specs["layers"]["attn"]["q_norm"]["scale"] == P(None, None)
   assert specs["final_norm"]["scale"] == P("fsdp")
 
   # Params and a full Adam state placed with these shardings take a jitted update step.

@@ -11,6 +11,7 @@ import pytest
 
 from score_jax import rollout as rollout_lib
 from score_jax import sampler as sampler_lib
+from score_jax import sampling
 from score_jax import tasks
 from score_jax import toy
 
@@ -37,7 +38,7 @@ class _FixedSampler:
   def __init__(self, vocab, attempts: list[list[str]]):  # [B][K] texts
     self.vocab, self.attempts = vocab, attempts
 
-  def __call__(self, params, prompts, rng, temperature):
+  def __call__(self, params, prompts, rng, method):
     batch, num_attempts = len(self.attempts), len(self.attempts[0])
     toks = np.full((num_attempts, batch, N), self.vocab.pad_id, np.int32)
     mask = np.zeros((num_attempts, batch, N), bool)
@@ -64,7 +65,8 @@ def _rollout():
       ["#### 22\n18+5 23", right],     # ended, wrong / ended
   ]
   sampler = _FixedSampler(task.vocab, attempts)
-  return task, rollout_lib.generate(conv, sampler, None, [example] * 3, None, 1.0)
+  return task, rollout_lib.generate(conv, sampler, None, [example] * 3, None,
+                                    sampling.Greedy())
 
 
 def test_truncated_attempts(rollout):

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from score_jax import logprobs
 from score_jax import model as model_lib
 from score_jax import sampler as sampler_lib
+from score_jax import sampling
 
 PAD = 0
 INSTRUCTION = [5, 6, 7]
@@ -65,7 +67,8 @@ def pick_eot(cfg, params):
 def test_greedy_matches_naive_reference(cfg_params, num_attempts):
   cfg, params = cfg_params
   eot = pick_eot(cfg, params)
-  out = make_sampler(cfg, eot, num_attempts)(params, PROMPTS, jax.random.PRNGKey(0), 0.0)
+  out = make_sampler(cfg, eot, num_attempts)(params, PROMPTS, jax.random.PRNGKey(0),
+                                              sampling.Greedy())
   att_lengths = np.asarray(out.attempt_lengths)
   assert len(set(att_lengths[0].tolist())) >= 2, "attempt-1 lengths should be uneven"
   for b, prompt in enumerate(PROMPTS):
@@ -80,16 +83,26 @@ def test_greedy_matches_naive_reference(cfg_params, num_attempts):
       assert np.asarray(out.tokens[b][np.asarray(out.attempt[b]) == k + 1]).tolist() == attempt
 
 
-def test_sampler_logprobs_match_training_forward(cfg_params):
+@pytest.mark.parametrize("method", [
+    sampling.Sampling(0.7),
+    sampling.Sampling(1.0, top_k=3),
+    sampling.Sampling(1.3, top_p=0.6),
+    sampling.Sampling(1.0, min_p=0.2),
+    sampling.Sampling(0.9, top_k=5, top_p=0.8, min_p=0.05),
+], ids=["temperature", "top_k", "top_p", "min_p", "all"])
+def test_sampler_logprobs_match_training_forward(cfg_params, method):
+  """The sampler reports log-probs of the distribution it sampled from; the trainer's
+  (chunked) recomputation under the same method gives the same numbers."""
   cfg, params = cfg_params
-  temperature = 0.7
-  out = make_sampler(cfg, eot_id=3)(params, PROMPTS, jax.random.PRNGKey(2), temperature)
+  out = make_sampler(cfg, eot_id=3)(params, PROMPTS, jax.random.PRNGKey(2), method)
   tokens = out.tokens
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  logits, _ = model_lib.forward(cfg, params, tokens, positions)
-  logp = model_lib.token_logprobs(logits[:, :-1], tokens[:, 1:], temperature)
+  hidden, _ = model_lib.apply(cfg, params, tokens, positions)
+  logp, _, _ = logprobs.token_logprobs(cfg, params, hidden[:, :-1], tokens[:, 1:],
+                                       method.log_probs, chunk_len=5)
   mask = np.asarray(out.attempt[:, 1:]) > 0
   assert mask.sum() > 10
+  assert np.isfinite(np.asarray(out.logprobs)[:, 1:][mask]).all()
   np.testing.assert_allclose(np.asarray(logp)[mask], np.asarray(out.logprobs[:, 1:])[mask],
                              atol=1e-4)
   # Per-attempt views agree with the buffer.
@@ -98,12 +111,28 @@ def test_sampler_logprobs_match_training_forward(cfg_params):
   assert np.isclose(flat.sum(), np.asarray(out.logprobs).sum(), atol=1e-4)
 
 
+def test_bfloat16_cache_tracks_float32(cfg_params):
+  """A bfloat16 KV cache changes the numbers only by bfloat16 rounding."""
+  cfg, params = cfg_params
+  method = sampling.Sampling(1.0)
+  ref = make_sampler(cfg, eot_id=3)(params, PROMPTS, jax.random.PRNGKey(2), method)
+  s16 = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=MAX_NEW, max_prompt_len=6,
+                            instruction=INSTRUCTION, eot_id=3, pad_id=PAD,
+                            cache_dtype=jnp.bfloat16)
+  out = s16(params, PROMPTS, jax.random.PRNGKey(2), method)
+  # Same first sampled token everywhere (prefill logits differ by rounding only) ...
+  np.testing.assert_array_equal(out.attempt_tokens[0, :, 0], ref.attempt_tokens[0, :, 0])
+  np.testing.assert_allclose(out.attempt_logprobs[0, :, 0], ref.attempt_logprobs[0, :, 0],
+                             atol=0.05)
+
+
 def test_sampling_is_stochastic_and_seeded(cfg_params):
   cfg, params = cfg_params
   s = make_sampler(cfg, eot_id=3)
-  a = s(params, PROMPTS, jax.random.PRNGKey(0), 1.0).tokens
-  b = s(params, PROMPTS, jax.random.PRNGKey(0), 1.0).tokens
-  c = s(params, PROMPTS, jax.random.PRNGKey(1), 1.0).tokens
+  method = sampling.Sampling(1.0)
+  a = s(params, PROMPTS, jax.random.PRNGKey(0), method).tokens
+  b = s(params, PROMPTS, jax.random.PRNGKey(0), method).tokens
+  c = s(params, PROMPTS, jax.random.PRNGKey(1), method).tokens
   assert (np.asarray(a) == np.asarray(b)).all()
   assert (np.asarray(a) != np.asarray(c)).any()
 
@@ -111,14 +140,17 @@ def test_sampling_is_stochastic_and_seeded(cfg_params):
 def test_no_recompilation_at_fixed_shapes(cfg_params):
   cfg, params = cfg_params
   s = make_sampler(cfg, eot_id=3)
-  s(params, PROMPTS, jax.random.PRNGKey(0), 1.0)
-  s(params, [[1, 2], [3], [4, 5, 6], [7]], jax.random.PRNGKey(5), 0.0)
+  s(params, PROMPTS, jax.random.PRNGKey(0), sampling.Sampling(1.0))
+  s(params, [[1, 2], [3], [4, 5, 6], [7]], jax.random.PRNGKey(5), sampling.Sampling(1.0))
   assert s._sample._cache_size() == 1
+  s(params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())  # another method: compiles once
+  s(params, PROMPTS, jax.random.PRNGKey(1), sampling.Greedy())
+  assert s._sample._cache_size() == 2
 
 
 def test_prompt_that_does_not_fit_is_an_error(cfg_params):
   cfg, params = cfg_params
   with pytest.raises(ValueError, match="max_prompt_len"):
-    make_sampler(cfg, eot_id=3)(params, [[1] * 7], jax.random.PRNGKey(0), 0.0)
+    make_sampler(cfg, eot_id=3)(params, [[1] * 7], jax.random.PRNGKey(0), sampling.Greedy())
   with pytest.raises(ValueError, match="at least one token"):
-    make_sampler(cfg, eot_id=3)(params, [[]], jax.random.PRNGKey(0), 0.0)
+    make_sampler(cfg, eot_id=3)(params, [[]], jax.random.PRNGKey(0), sampling.Greedy())

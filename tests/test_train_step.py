@@ -11,10 +11,12 @@ import pytest
 from score_jax import model as model_lib
 from score_jax import objectives
 from score_jax import sampler as sampler_lib
+from score_jax import sampling
 from score_jax import train_step as ts
 
 CFG = model_lib.tiny_config(vocab_size=24)
 PROMPTS = [[3, 9, 4], [3, 9, 4], [8, 5], [8, 5]]  # 2 prompts x n=2 samples
+METHOD = sampling.Sampling(temperature=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +24,17 @@ def rollout():
   params = model_lib.init_params(CFG, jax.random.PRNGKey(0))
   sampler = sampler_lib.Sampler(CFG, num_attempts=2, max_new_tokens=6, max_prompt_len=4,
                                 instruction=[5, 6], eot_id=3, pad_id=0)
-  out = sampler(params, PROMPTS, jax.random.PRNGKey(1), 1.0)
+  out = sampler(params, PROMPTS, jax.random.PRNGKey(1), METHOD)
   rewards = np.array([[0, 1], [1, 1], [0, 0], [1, 0]], np.float32)
   batch = {"tokens": out.tokens, "attempt": out.attempt, "rewards": jnp.asarray(rewards),
-           "ref_logp": ts.reference_logprobs(params, out.tokens, model_cfg=CFG, temperature=1.0)}
+           "ref_logp": ts.reference_logprobs(params, out.tokens, model_cfg=CFG, method=METHOD)}
   return params, out, batch
 
 
 def stage2_step(num_micro_batches=1):
   objective = objectives.ObjectiveConfig(kind="stage2", n=2)
   loss_fn = functools.partial(ts.policy_loss, model_cfg=CFG, objective=objective,
-                              temperature=1.0)
+                              method=METHOD)
   return objective, jax.jit(ts.make_train_step(loss_fn, optax.adam(1e-3), num_micro_batches))
 
 
@@ -94,11 +96,11 @@ def _check_sharded_step_matches_one_device():
   batch = {"tokens": tokens, "attempt": attempt,
            "rewards": rng.integers(0, 2, (8, 2)).astype(np.float32)}
   batch["ref_logp"] = np.asarray(ts.reference_logprobs(ref, tokens, model_cfg=cfg,
-                                                       temperature=1.0))
+                                                       method=METHOD))
   objective = objectives.ObjectiveConfig(kind="stage2", n=2)
   optimizer = optax.adam(1e-2)
   loss_fn = functools.partial(ts.policy_loss, model_cfg=cfg, objective=objective,
-                              temperature=1.0)
+                              method=METHOD)
   step = ts.make_train_step(loss_fn, optimizer, num_micro_batches=2)
 
   single, m1 = jax.jit(step)(ts.init_state(params, optimizer, ref), batch)

@@ -1,0 +1,97 @@
+"""Sampling methods: how the next token is chosen from float32 logits, as small static objects.
+
+    method = Sampling(temperature=1.0, top_p=0.95)   # or Greedy()
+    tokens, logp = method.choose(logits, rng)        # [B, V] -> [B], [B]
+    log_probs = method.log_probs(logits)             # [..., V]: the distribution sampled from
+
+`log_probs` is THE distribution a method samples from (temperature applied, tokens outside
+top-k / top-p / min-p at -inf, the rest renormalised), so the log-probs the sampler reports and
+those the trainer recomputes for the same tokens (`logprobs.token_logprobs` with
+`method.log_probs`) are the same quantity. Methods are frozen dataclasses: hashable, so a
+compiled sampler is specialised to one (greedy decoding pays for no random numbers).
+"""
+
+import dataclasses
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+  """The argmax token; its reported log-prob is under the plain softmax."""
+
+  def log_probs(self, logits: Array) -> Array:
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  def choose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
+    del rng
+    tokens = jnp.argmax(logits, axis=-1)
+    return tokens, _take(self.log_probs(logits), tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Ancestral sampling at `temperature`, optionally truncated.
+
+  Truncations apply in this order, each to the distribution the previous ones left:
+  top_k: the k most likely tokens (ties at the k-th logit are all kept);
+  top_p: the smallest set of most likely tokens whose probability reaches p (nucleus);
+  min_p: tokens with probability >= min_p times the most likely token's.
+  """
+  temperature: float = 1.0
+  top_k: Optional[int] = None
+  top_p: Optional[float] = None
+  min_p: Optional[float] = None
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0 (use Greedy() for 0), got {self.temperature}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.min_p is not None and not 0 <= self.min_p <= 1:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+  def log_probs(self, logits: Array) -> Array:
+    logits = logits.astype(jnp.float32) / self.temperature
+    if self.top_k is not None and self.top_k < logits.shape[-1]:
+      kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+      logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if self.top_p is not None and self.top_p < 1:
+      ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+      probs = jax.nn.softmax(ordered, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+      # The least likely kept token: the last one whose predecessors hold < p.
+      kept = jnp.sum(before < self.top_p, axis=-1, keepdims=True)
+      threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+      logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    if self.min_p is not None and self.min_p > 0:
+      floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(self.min_p)
+      logits = jnp.where(logits >= floor, logits, -jnp.inf)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+  def choose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
+    log_probs = self.log_probs(logits)
+    tokens = jnp.argmax(log_probs + jax.random.gumbel(rng, log_probs.shape), axis=-1)
+    return tokens, _take(log_probs, tokens)
+
+
+Method = Union[Greedy, Sampling]
+
+
+def from_temperature(temperature: float, **truncation) -> Method:
+  """Greedy() for temperature 0, else Sampling(temperature, **truncation)."""
+  if temperature == 0:
+    if any(v is not None for v in truncation.values()):
+      raise ValueError("top_k / top_p / min_p need a temperature > 0")
+    return Greedy()
+  return Sampling(float(temperature), **truncation)
+
+
+def _take(log_probs: Array, tokens: Array) -> Array:
+  return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]

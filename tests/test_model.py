@@ -1,0 +1,119 @@
+"""The scanned transformer against an unrolled reference; remat; mixed precision; layout."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import model as model_lib
+
+CFG = model_lib.tiny_config(vocab_size=32, num_layers=4, attn_logit_softcap=20.0,
+                            final_logit_softcap=30.0, sliding_window=3)
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 9)), jnp.int32)
+POSITIONS = jnp.broadcast_to(jnp.arange(9), TOKENS.shape)
+
+
+def unrolled_logits(cfg, params, tokens, positions):
+  """Obviously correct: a Python loop applying one `Block` per layer to its slice of the stack."""
+  x = jnp.take(params["embedding"], tokens, axis=0)
+  if cfg.scale_embeddings:
+    x = x * np.sqrt(cfg.embed_dim).astype(np.float32)
+  for i in range(cfg.num_layers):
+    layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+    (x, _), _ = model_lib.Block(cfg).apply(
+        {"params": layer}, (x, None), (jnp.int32(i), jnp.bool_(cfg.is_global(i))), positions)
+  x = model_lib.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+  return model_lib.logits_of(cfg, params, x)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model_lib.init_params(CFG, jax.random.PRNGKey(0))
+
+
+def test_layers_are_stacked_on_a_leading_layers_axis(params):
+  assert params["layers"]["attn"]["q"].shape == (4, CFG.embed_dim, CFG.num_heads, CFG.head_dim)
+  axes = model_lib.logical_axes(CFG)
+  assert tuple(axes["layers"]["attn"]["q"]) == ("layers", "embed", "heads", "head_dim")
+  assert tuple(axes["embedding"]) == ("vocab", "embed")
+  assert sum(x.size for x in jax.tree.leaves(params)) == CFG.num_params()
+
+
+def test_scanned_equals_unrolled(params):
+  logits, _ = model_lib.forward(CFG, params, TOKENS, POSITIONS)
+  expected = unrolled_logits(CFG, params, TOKENS, POSITIONS)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  # Local and global layers really differ (window 3 < 9 tokens): a model whose layers are
+  # all global gives other logits.
+  all_global, _ = model_lib.forward(
+      model_lib.tiny_config(**{**CFG.__dict__, "global_every": 1}), params, TOKENS, POSITIONS)
+  assert float(jnp.abs(all_global - logits).max()) > 1e-3
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_changes_neither_values_nor_gradients(params, remat):
+  def loss(cfg, p):
+    logits, _ = model_lib.forward(cfg, p, TOKENS, POSITIONS)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * jnp.arange(9.0))
+
+  base = jax.value_and_grad(functools.partial(loss, CFG))(params)
+  cfg = model_lib.tiny_config(**{**CFG.__dict__, "remat": remat})
+  value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, cfg)))(params)
+  np.testing.assert_allclose(value, base[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               grads, base[1])
+
+
+def test_mixed_precision_computes_in_bfloat16_with_float32_master_weights(params):
+  cfg = model_lib.tiny_config(**{**CFG.__dict__, "dtype": jnp.bfloat16})
+  assert jax.tree.leaves(model_lib.init_params(cfg, jax.random.PRNGKey(0)))[0].dtype == (
+      jnp.float32)
+  fn = lambda p: model_lib.forward(cfg, p, TOKENS, POSITIONS)[0]
+  logits = fn(params)
+  assert logits.dtype == jnp.float32
+  reference, _ = model_lib.forward(CFG, params, TOKENS, POSITIONS)
+  # bfloat16 rounding only: far closer than the logits' own spread.
+  err = float(jnp.abs(logits - reference).max())
+  assert 0 < err < 0.15 * float(jnp.std(reference))
+  # The matmuls run on bfloat16 operands.
+  jaxpr = str(jax.make_jaxpr(fn)(params))
+  assert "dot_general" in jaxpr and "bf16[" in jaxpr
+  grads = jax.grad(lambda p: jnp.sum(fn(p)))(params)
+  assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_program_size_does_not_grow_with_depth():
+  """Scanned layers: 16 layers lower to about the same program as 2 (compile time follows)."""
+  def hlo_size(num_layers):
+    cfg = model_lib.tiny_config(vocab_size=32, num_layers=num_layers)
+    shapes = jax.eval_shape(functools.partial(model_lib.init_params, cfg),
+                            jax.random.PRNGKey(0))
+    lowered = jax.jit(functools.partial(model_lib.forward, cfg)).lower(shapes, TOKENS,
+                                                                        POSITIONS)
+    return len(lowered.as_text())
+
+  assert hlo_size(16) < 1.1 * hlo_size(2)
+
+
+def test_llama3_rope_scaling_matches_its_definition():
+  """Frequencies under Llama 3.x scaling, against the published piecewise rule written out
+  per frequency in numpy."""
+  cfg = model_lib.ModelConfig(vocab_size=8, num_layers=1, embed_dim=16, num_heads=2,
+                              num_kv_heads=1, head_dim=64, mlp_dim=8, rope_base=500_000.0,
+                              llama3_rope=(8.0, 1.0, 4.0, 8192))
+  freq = np.asarray(model_lib.rope_frequencies(cfg, jnp.bool_(True)))
+  expected = []
+  for i in range(32):
+    f = 500_000.0 ** (-2 * i / 64)
+    wavelength = 2 * np.pi / f
+    if wavelength < 8192 / 4.0:
+      expected.append(f)
+    elif wavelength > 8192 / 1.0:
+      expected.append(f / 8.0)
+    else:
+      smooth = (8192 / wavelength - 1.0) / (4.0 - 1.0)
+      expected.append((1 - smooth) * f / 8.0 + smooth * f)
+  np.testing.assert_allclose(freq, expected, rtol=1e-5)
+  assert freq[0] == expected[0] and freq[-1] < 500_000.0 ** (-62 / 64)
