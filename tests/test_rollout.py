@@ -1,14 +1,17 @@
 """Tests of score_jax.rollout on the host side: truncated attempts and their reward.
 
-The sampler and the reward pool are stand-ins (a fixed `SampleOutput`, checks run in this
-process); the task, its vocabulary, the conversation and the reward are the toy task's own.
+The reward pool is a stand-in (checks run in this process), and so is the sampler (a fixed
+`SampleOutput`) but in one slow test; the task, its vocabulary, the conversation and the
+reward are the toy task's own.
 """
 
 import concurrent.futures
 
+import jax
 import numpy as np
 import pytest
 
+from score_jax import model as model_lib
 from score_jax import rollout as rollout_lib
 from score_jax import sampler as sampler_lib
 from score_jax import sampling
@@ -104,6 +107,26 @@ def test_score_when_every_attempt_is_truncated(rollout):
   pool = _InlinePool()
   np.testing.assert_array_equal(rollout_lib.score(pool, task, ro).result(), np.zeros((3, 2)))
   assert pool.submitted == 0
+
+
+@pytest.mark.slow  # Compiles a sampler: 10-45 s on a CPU.
+def test_truncated_on_a_real_sampler_output():
+  """An untrained model: some attempts sample the stop token within N tokens, some do not."""
+  task = toy.ToyArithmetic()
+  conv = rollout_lib.Conversation(task, task.vocab, toy.FORMAT)
+  cfg = model_lib.tiny_config(vocab_size=task.vocab.vocab_size, num_layers=1, global_every=1)
+  sampler = conv.make_sampler(cfg, num_attempts=2, max_new_tokens=N, max_prompt_len=8)
+  examples = [tasks.Example(id=str(i), prompt=f"{i}+{i}", reference=str(2 * i))
+              for i in range(10)]
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  ro = rollout_lib.generate(conv, sampler, params, examples, jax.random.PRNGKey(1),
+                            sampling.Sampling(temperature=1.0), samples_per_prompt=2)
+  toks, mask = np.asarray(ro.output.attempt_tokens), np.asarray(ro.output.attempt_mask)
+  stopped = [[conv.stop_id in toks[k, b][mask[k, b]] for k in range(2)] for b in range(20)]
+  np.testing.assert_array_equal(ro.truncated, ~np.array(stopped))
+  assert 0 < ro.truncated.sum() < ro.truncated.size  # both kinds occur
+  rewards = rollout_lib.score(_InlinePool(), task, ro).result()
+  assert not rewards[ro.truncated].any()
 
 
 def test_bad_truncated_reward_raises(rollout):
