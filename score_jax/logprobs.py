@@ -9,12 +9,15 @@ drops them, and `jax.checkpoint` makes the backward pass recompute them chunk by
 than keep them. Peak memory is O(B * chunk_len * V) instead of O(B * T * V), with the same
 values and gradients as the unchunked computation (`tests/test_logprobs.py`).
 
-Chunks run along T, not over flattened tokens, so each chunk keeps the batch axis and its
-data-parallel sharding: every device works on its own rows at every step of the scan.
+Chunks run along T, not over flattened tokens, and each chunk is computed vocabulary-parallel:
+its few rows of hidden states go to every device, each device computes the logits of its own
+slice of the vocabulary (the embedding is split on V, see partitioning.py), and the softmax
+reductions cross devices. No device holds the whole [V, D] head, nor logits of all of V.
 """
 
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -59,7 +62,11 @@ def token_logprobs(cfg: model_lib.ModelConfig, params: Any, hidden: Array, targe
 
   @jax.checkpoint
   def one(params, h, t):
-    logits = model_lib.logits_of(cfg, params, h)
+    # Vocabulary-parallel: every device takes all rows of the chunk and its slice of the
+    # vocabulary (see partitioning.py), so the [V, D] head is never gathered.
+    h = nn.with_logical_constraint(h, (None, model_lib.A_LENGTH, model_lib.A_EMBED))
+    logits = nn.with_logical_constraint(model_lib.logits_of(cfg, params, h),
+                                        (None, model_lib.A_LENGTH, model_lib.A_VOCAB))
     log_probs = log_probs_fn(logits)
     logp = jnp.take_along_axis(log_probs, t[..., None], axis=-1)[..., 0]
     probs = jnp.exp(log_probs)

@@ -7,12 +7,14 @@ depth), optionally rematerialised, with mixed precision:
     logits = logits_of(cfg, params, hidden)                          # float32 [..., V]
     logits, cache = forward(cfg, params, tokens, positions, cache)   # both (small models, tests)
 
-* `tokens`, `positions`: int32 [B, S]. Position p of a sequence is also its slot in the KV
-  cache, so a sequence is always stored contiguously from slot 0.
+* `tokens`, `positions`: int32 [B, S]; a negative position marks a token nothing attends
+  (padding, a finished row's filler).
 * `cache`: None (full causal attention over the S tokens given, as in training) or a
-  `KVCache` from `init_cache` (decoding: the S new keys/values are written in place at their
-  positions and each query attends every slot <= its own position, within the first
-  `attend_len` slots when that static bound is given).
+  `KVCache` from `init_cache` (decoding: the S new keys/values of every row go to the cache's
+  next S slots, written in place with one `dynamic_update_slice` per layer; a query attends
+  the filled slots whose position is <= its own, within the first `attend_len` slots when that
+  static bound is given). Slots are shared by all rows and positions are per row, so rows at
+  different lengths decode in lockstep; a row's unused slots hold position -1.
 * `hidden`: [B, S, D] final-normed activations in the compute dtype. Log-probs of long
   sequences come from `logprobs.py`, which never holds [B, S, V] logits at once.
 
@@ -132,16 +134,22 @@ def tiny_config(vocab_size: int = 64, **overrides) -> ModelConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Keys and values of every layer: [L, B, T, K, H] each (T slots = positions)."""
-  k: Array
-  v: Array
+  """The keys and values of every layer in T slots (see the module docstring).
+
+  Heads before slots: attention contracts each head's [T, H] block as it is stored.
+  """
+  k: Array      # [L, B, K, T, H]
+  v: Array      # [L, B, K, T, H]
+  pos: Array    # int32 [B, T]: position of the token in each slot; -1: none
+  used: Array   # int32 scalar: slots filled so far; the next tokens go to slot `used` on
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
   """An empty cache of `length` slots per sequence, in `dtype` (default: the compute dtype)."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
   dtype = cfg.dtype if dtype is None else dtype
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                 jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def _param(module, name, init, shape, axes, cfg):
@@ -237,30 +245,35 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, (A_BATCH, A_LENGTH, A_HEADS, None))
 
     if cache is None:  # Attend the S tokens given.
-      keys, values, key_pos = k, v, positions
-    else:  # Write the new keys/values at their positions (in place), attend the cache.
-      rows = jnp.arange(x.shape[0])[:, None]
-      cache = KVCache(cache.k.at[layer, rows, positions].set(k.astype(cache.k.dtype)),
-                      cache.v.at[layer, rows, positions].set(v.astype(cache.v.dtype)))
-      span = cache.k.shape[2] if attend_len is None else attend_len
-      keys = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :span]
-      values = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :span]
-      key_pos = jnp.arange(span)[None, :]
+      keys, values, key_pos = k.swapaxes(1, 2), v.swapaxes(1, 2), positions
+    else:  # Write the new keys/values to the next slots (in place), attend the cache.
+      at = (layer, 0, 0, cache.used, 0)  # `apply` has already recorded their positions
+      cache = dataclasses.replace(
+          cache, k=jax.lax.dynamic_update_slice(cache.k, k.swapaxes(1, 2)[None].astype(
+              cache.k.dtype), at),
+          v=jax.lax.dynamic_update_slice(cache.v, v.swapaxes(1, 2)[None].astype(
+              cache.v.dtype), at))
+      span = cache.k.shape[3] if attend_len is None else attend_len
+      keys = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :, :span]
+      values = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :, :span]
+      key_pos = cache.pos[:, :span]
+    # keys, values: [B, K, T, H].
 
-    # Query position p sees key position j iff j <= p (and p - j < window on local layers).
+    # Query position p sees key position j iff 0 <= j <= p (and p - j < window on local
+    # layers).
     distance = positions[:, :, None] - key_pos[:, None, :]  # [B, S, T]
-    visible = distance >= 0
+    visible = (distance >= 0) & (key_pos[:, None, :] >= 0)
     if cfg.sliding_window is not None:
       visible &= is_global | (distance < cfg.sliding_window)
 
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(q.shape[:2] + (cfg.num_kv_heads, groups, cfg.head_dim))
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    logits = _dot32("bskgh,btkh->bkgst", qg, keys.astype(cfg.dtype)) * scale
+    logits = _dot32("bskgh,bkth->bkgst", qg, keys.astype(cfg.dtype)) * scale
     logits = _softcap(logits, cfg.attn_logit_softcap)
     logits = jnp.where(visible[:, None, None], logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = _dot32("bkgst,btkh->bskgh", probs.astype(cfg.dtype), values.astype(cfg.dtype))
+    out = _dot32("bkgst,bkth->bskgh", probs.astype(cfg.dtype), values.astype(cfg.dtype))
     out = out.reshape(q.shape).astype(cfg.dtype)
     return jnp.einsum("bsnh,nhd->bsd", out, wo), cache
 
@@ -309,6 +322,29 @@ class Block(nn.Module):
     return (x, cache), None
 
 
+def _embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
+  """Token embeddings [B, S, D] in the compute dtype (Gemma: scaled by sqrt(D))."""
+  x = jnp.take(embedding.astype(cfg.dtype), tokens, axis=0)
+  if cfg.scale_embeddings:
+    x = x * jnp.asarray(math.sqrt(cfg.embed_dim), cfg.dtype)
+  return nn.with_logical_constraint(x, (A_BATCH, A_LENGTH, A_EMBED))
+
+
+def _record_positions(cache: Optional[KVCache], positions: Array) -> Optional[KVCache]:
+  """The cache with `positions` [B, S] recorded for the next S slots (before the layers write
+  their keys there)."""
+  if cache is None:
+    return None
+  return dataclasses.replace(
+      cache, pos=jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32),
+                                              (0, cache.used)))
+
+
+def _advance(cache: Optional[KVCache], num_tokens: int) -> Optional[KVCache]:
+  """The cache after the layers wrote `num_tokens` slots."""
+  return None if cache is None else dataclasses.replace(cache, used=cache.used + num_tokens)
+
+
 def layer_kinds(cfg: ModelConfig) -> tuple[Array, Array]:
   """The per-layer scan inputs: (index int32 [L], is_global bool [L])."""
   return (jnp.arange(cfg.num_layers, dtype=jnp.int32),
@@ -330,10 +366,8 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       _param(self, "lm_head", nn.initializers.normal(stddev=0.02),
              (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB), cfg)
-    x = jnp.take(embedding, tokens, axis=0)
-    if cfg.scale_embeddings:
-      x = x * jnp.asarray(math.sqrt(cfg.embed_dim), cfg.dtype)
-    x = nn.with_logical_constraint(x, (A_BATCH, A_LENGTH, A_EMBED))
+    x = _embed(cfg, embedding, tokens)
+    cache = _record_positions(cache, positions)
     block = Block
     if cfg.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -342,7 +376,7 @@ class Transformer(nn.Module):
                      metadata_params={nn.PARTITION_NAME: LAYERS})
     (x, cache), _ = layers(cfg, self.attend_len, name="layers")(
         (x, cache), layer_kinds(cfg), positions)
-    return RMSNorm(cfg, name="final_norm")(x), cache
+    return RMSNorm(cfg, name="final_norm")(x), _advance(cache, tokens.shape[1])
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> Any:
@@ -359,11 +393,29 @@ def logical_axes(cfg: ModelConfig) -> Any:
   return nn.get_partition_spec(abstract)["params"]
 
 
+def unstack_layers(cfg: ModelConfig, params: Any) -> list[Any]:
+  """Each layer's parameter tree, sliced off the stack (for `apply(..., layers=...)`)."""
+  return [jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(cfg.num_layers)]
+
+
 def apply(cfg: ModelConfig, params: Any, tokens: Array, positions: Array,
-          cache: Optional[KVCache] = None, attend_len: Optional[int] = None
-          ) -> tuple[Array, Optional[KVCache]]:
-  """Pure apply of the body: hidden states [B, S, D] (compute dtype) and the updated cache."""
-  return Transformer(cfg, attend_len).apply({"params": params}, tokens, positions, cache)
+          cache: Optional[KVCache] = None, attend_len: Optional[int] = None,
+          layers: Optional[list[Any]] = None) -> tuple[Array, Optional[KVCache]]:
+  """Pure apply of the body: hidden states [B, S, D] (compute dtype) and the updated cache.
+
+  With `layers` (from `unstack_layers`, sliced once outside a decode loop) the layers run
+  unrolled on those slices instead of scanned over the stack. Same numbers; in a loop that
+  calls the model once per token, it spares the copy of every layer's weights that a scan's
+  per-iteration slicing makes on each call, at the price of a program that grows with depth.
+  """
+  if layers is None:
+    return Transformer(cfg, attend_len).apply({"params": params}, tokens, positions, cache)
+  x = _embed(cfg, params["embedding"], tokens)
+  cache = _record_positions(cache, positions)
+  for i, layer in enumerate(layers):
+    (x, cache), _ = Block(cfg, attend_len).apply(
+        {"params": layer}, (x, cache), (jnp.int32(i), jnp.bool_(cfg.is_global(i))), positions)
+  return RMSNorm(cfg).apply({"params": params["final_norm"]}, x), _advance(cache, tokens.shape[1])
 
 
 def logits_of(cfg: ModelConfig, params: Any, hidden: Array) -> Array:

@@ -9,12 +9,18 @@ device mesh:
 * "tensor": tensor (model) parallelism inside a layer.
 
 Rules are a sequence of `(logical_name, mesh_axes)` pairs, `mesh_axes` being a mesh axis
-name, a tuple of them, or None (replicated). For one array dimension the first rule of its
-logical name that can be applied wins: its mesh axes are not already used by another
-dimension of the same array and the dimension size is divisible by the product of their
-sizes. When no rule of the name can be applied the dimension is replicated; so a single KV
-head, or a vocabulary size that the tensor axis does not divide, still works (replicated on
-that dimension), and a second rule of the same name can name a fallback.
+name, a tuple of them, or None (replicated). They apply in order of priority, as flax applies
+them to activations: a rule gives its mesh axes to a dimension of its logical name that is
+still unassigned when those axes are not already used by another dimension of the same array
+and the dimension size is divisible by the product of their sizes. A dimension no rule can
+take is replicated; so a single KV head, or a vocabulary size that the tensor axis does not
+divide, still works (replicated on that dimension), and a later rule of the same name can
+name a fallback.
+
+The vocabulary is split over ("tensor", "fsdp") ahead of everything else: the embedding is
+[V / (tensor * fsdp), D] on each device, and the log-prob chunks (`logprobs.py`) gather the
+few rows of hidden states rather than the embedding, so no device ever holds the whole
+[V, D] matrix (1.2 GB in bfloat16 for Gemma).
 
 Parameters and batches need that divisibility (an input array must split evenly).
 Activation constraints (`nn.with_logical_constraint` inside the model) do not: XLA pads
@@ -47,8 +53,9 @@ Rules = tuple[tuple[str, MeshAxes], ...]  # normalized (see `normalize_rules`)
 
 DEFAULT_RULES: Rules = (
     # Parameters.
-    ("embed", "fsdp"),
+    ("vocab", ("tensor", "fsdp")),
     ("vocab", "tensor"),
+    ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", None),
     ("head_dim", None),
@@ -61,6 +68,7 @@ DEFAULT_RULES: Rules = (
     ("act_heads", "tensor"),
     ("act_kv_heads", None),
     ("act_mlp", "tensor"),
+    ("act_vocab", ("tensor", "fsdp")),  # where the batch is not split (log-prob chunks)
     ("act_vocab", "tensor"),
 )
 
@@ -166,27 +174,22 @@ def logical_to_mesh_spec(logical: Optional[PartitionSpec], shape: Sequence[int],
     raise ValueError(f"logical axes {names} must be names (str) or None")
   if len(names) > len(shape):
     raise ValueError(f"logical axes {names} have more entries than the shape {tuple(shape)}")
-  used: set[str] = set()
-  spec = []
-  for name, size in zip(names, shape):
-    spec.append(_assign(name, size, axis_sizes, rules, used))
+  unknown = sorted({n for n in names if n is not None} - {logical for logical, _ in rules})
+  if unknown:
+    raise ValueError(f"no partitioning rule for logical axis {unknown[0]!r}")
+  # Rules in order of priority, as flax applies them to activations: a rule takes its
+  # dimension when that is still unassigned, its mesh axes are free and they divide the size.
+  spec: list[MeshAxes] = [None] * len(names)
+  assigned, used = set(), set()
+  for logical_name, mesh_axes in rules:
+    axes = _as_axes(mesh_axes)
+    for dim, (name, size) in enumerate(zip(names, shape)):
+      if (name == logical_name and dim not in assigned and not used.intersection(axes)
+          and _divides(axes, size, axis_sizes)):
+        spec[dim] = _spec_entry(axes)
+        assigned.add(dim)
+        used.update(axes)
   return PartitionSpec(*spec)
-
-
-def _assign(name: Optional[str], size: int, axis_sizes: Mapping[str, int],
-            rules: LogicalRules, used: set[str]) -> MeshAxes:
-  """Mesh axes for one dimension (and marks them used), or None for replicated."""
-  if name is None:
-    return None
-  candidates = [axes for logical, axes in rules if logical == name]
-  if not candidates:
-    raise ValueError(f"no partitioning rule for logical axis {name!r}")
-  for mesh_axes in map(_as_axes, candidates):
-    if used.intersection(mesh_axes) or not _divides(mesh_axes, size, axis_sizes):
-      continue
-    used.update(mesh_axes)
-    return _spec_entry(mesh_axes)
-  return None
 
 
 def _divides(mesh_axes: tuple[str, ...], size: int, axis_sizes: Mapping[str, int]) -> bool:

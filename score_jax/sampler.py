@@ -5,19 +5,22 @@ prompts, decodes attempt 1 in a `lax.while_loop` over a `SamplingState`, appends
 instruction tokens, decodes attempt 2 conditioned on everything before, and so on for K
 attempts.
 
-Layout. Every sequence lives in one buffer of T = P + K * N + (K - 1) * L slots (P prompt
-slots, N new tokens per attempt, L instruction tokens), written contiguously from slot 0: a
-sequence that stops early in attempt 1 gets its instruction right after its last token, so no
-padding is ever attended and positions run without holes across turns, exactly as a chat would
-show it. Position == cache slot, and a query at position p attends slots <= p (see model.py).
-Slots past a sequence's end may hold stale keys; they are always overwritten before any query
-can see them.
+Layout. Every sequence lives in a conversation buffer of T = P + K * N + (K - 1) * L
+tokens (P prompt slots, N new tokens per attempt, L instruction tokens), written contiguously
+from index 0: a sequence that stops early in attempt 1 gets its instruction right after its
+last token, and positions run without holes across turns, exactly as a chat would show it.
+The KV cache has T slots too, but shared by the rows (see model.py): every decode step writes
+slot s of all rows with one `dynamic_update_slice`, each row's keys carrying their own
+position, and slots a row did not fill (prompt padding, steps after it ended an attempt)
+hold position -1 and are never attended. So the model sees exactly the contiguous
+conversation, and the cache is written without any scatter.
 
 Cost of a decode step. The KV cache lives in the loop carry and each layer writes its one new
-key/value per row in place (no copy of the cache per token); prompts are prefilled without
-logits except at each prompt's last position; attention reads only the slots an attempt can
-have reached (`attend_len`, static per attempt), not the whole buffer; the cache may be kept
-in bfloat16 (`cache_dtype`).
+key/value per row in place (no copy of the cache per token); the layers' weights are sliced
+off their stack once per call, not once per token (`model.apply(..., layers=...)`); prompts
+are prefilled without logits except at each prompt's last position; attention reads only the
+slots an attempt can have reached (`attend_len`, static per attempt), not the whole buffer;
+the cache may be kept in bfloat16 (`cache_dtype`).
 
 A sampled end-of-turn token is part of its attempt (its log-prob is trained like any other);
 an attempt that reaches N tokens without one is cut there.
@@ -66,7 +69,7 @@ class SamplingState:
   pos: Array             # int32 [B] next free slot = length so far
   cache: model_lib.KVCache
   next_logits: Array     # float32 [B, V]: predicts the token at `pos`
-  rng: Array
+  rng: Array             # typed "rbg" key
 
 
 def buffer_length(prompt_len: int, num_attempts: int, max_new_tokens: int,
@@ -80,8 +83,8 @@ def _write(buf: Array, pos: Array, values: Array) -> Array:
   return buf.at[rows, pos[:, None] + jnp.arange(values.shape[1])].set(values)
 
 
-def _decode_attempt(state: SamplingState, k: int, *, params, model_cfg, method, max_new_tokens,
-                    eot_id, pad_id, attend_len) -> SamplingState:
+def _decode_attempt(state: SamplingState, k: int, *, params, layers, model_cfg, method,
+                    max_new_tokens, eot_id, pad_id, attend_len) -> SamplingState:
   """Samples attempt k (1-based) of every row until each has ended or N tokens are written."""
 
   def cond(carry):
@@ -94,14 +97,14 @@ def _decode_attempt(state: SamplingState, k: int, *, params, model_cfg, method, 
     tok, lp = method.choose(s.next_logits, sub)
     active = ~done
     tok = jnp.where(active, tok, pad_id)
-    # Ended rows write pad / 0 into the free slot at their end, which holds exactly that.
+    # Ended rows write pad / 0 into the free index at their end, which holds exactly that.
     tokens = _write(s.tokens, s.pos, tok[:, None])
     attempt = _write(s.attempt, s.pos, jnp.where(active, k, 0)[:, None])
     logprobs = _write(s.logprobs, s.pos, jnp.where(active, lp, 0.0)[:, None])
-    # Feed the token. Ended rows write a stale key at their free slot: never attended, since
-    # the instruction (or nothing) is written there before any query can reach it.
-    hidden, cache = model_lib.apply(model_cfg, params, tok[:, None], s.pos[:, None], s.cache,
-                                    attend_len)
+    # Feed the token; ended rows fill their cache slot with a key nothing attends.
+    hidden, cache = model_lib.apply(model_cfg, params, tok[:, None],
+                                    jnp.where(active, s.pos, -1)[:, None], s.cache, attend_len,
+                                    layers)
     s = SamplingState(tokens, attempt, logprobs, s.pos + active.astype(jnp.int32), cache,
                       model_lib.logits_of(model_cfg, params, hidden[:, 0]), rng)
     done = done | (tok == eot_id) | (step + 1 >= max_new_tokens)
@@ -151,11 +154,15 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
   total = buffer_length(prompt_len, num_attempts, max_new_tokens, n_instr)
   rows = jnp.arange(batch)
 
+  # Matrices in the compute dtype once, rather than converted at every use in the loop.
+  params = jax.tree.map(lambda w: w.astype(model_cfg.dtype) if w.ndim > 1 else w, params)
   cache = model_lib.init_cache(model_cfg, batch, total, cache_dtype)
-  cache = jax.tree.map(lambda c: nn.with_logical_constraint(
-      c, (None, model_lib.A_BATCH, None, model_lib.A_KV_HEADS, None)), cache)
+  kv_axes = (None, model_lib.A_BATCH, model_lib.A_KV_HEADS, None, None)
+  cache = dataclasses.replace(cache, k=nn.with_logical_constraint(cache.k, kv_axes),
+                              v=nn.with_logical_constraint(cache.v, kv_axes))
   # Prefill: logits only at each prompt's last token, which predicts its first new token.
-  positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+  slots = jnp.arange(prompt_len)
+  positions = jnp.where(slots < prompt_lengths[:, None], slots, -1)
   hidden, cache = model_lib.apply(model_cfg, params, prompts, positions, cache, prompt_len)
   tokens = jnp.full((batch, total), pad_id, jnp.int32).at[:, :prompt_len].set(prompts)
   tokens = jnp.where(jnp.arange(total) < prompt_lengths[:, None], tokens, pad_id)
@@ -164,13 +171,18 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       logprobs=jnp.zeros((batch, total), jnp.float32), pos=prompt_lengths.astype(jnp.int32),
       cache=cache,
       next_logits=model_lib.logits_of(model_cfg, params, hidden[rows, prompt_lengths - 1]),
-      rng=rng)
+      # Per-token random numbers from XLA's RngBitGenerator ("rbg" keys): threefry costs more
+      # than the logits themselves for a 262k vocabulary on a CPU. Reproducible per backend.
+      rng=jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"))
 
-  decode = functools.partial(_decode_attempt, params=params, model_cfg=model_cfg,
+  # The decode loop runs the layers unrolled on slices taken once here (see model.apply).
+  decode = functools.partial(_decode_attempt, params=params,
+                             layers=model_lib.unstack_layers(model_cfg, params),
+                             model_cfg=model_cfg,
                              method=method, max_new_tokens=max_new_tokens, eot_id=eot_id,
                              pad_id=pad_id)
   for k in range(1, num_attempts + 1):
-    # Slots a row can have reached by the end of attempt k (static): the attention span.
+    # Slots filled by the end of attempt k, at most (static): the attention span.
     reach = prompt_len + k * max_new_tokens + (k - 1) * n_instr
     state = decode(state, k, attend_len=reach)
     if k < num_attempts:  # Append the instruction at each sequence's own position.
@@ -196,14 +208,19 @@ class Sampler:
   One compiled program per (batch, prompt_len) shape and sampling method; calls at the same
   shapes and method reuse it. With a `mesh`, the batch is split over its ("data", "fsdp")
   axes; in a multi-host run every process passes its own prompts and gets back its own rows.
+  With `max_batch`, a call with more rows runs the program on chunks of at most that many
+  rows of this host, one after the other (the KV cache of a chunk must fit the devices).
   """
 
   def __init__(self, model_cfg: model_lib.ModelConfig, *, num_attempts: int,
                max_new_tokens: int, max_prompt_len: int, instruction: Sequence[int],
                eot_id: int, pad_id: int, mesh: Optional[Mesh] = None,
-               cache_dtype: Any = None):
+               cache_dtype: Any = None, max_batch: Optional[int] = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
+    if max_batch is not None and max_batch < 1:
+      raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    self.max_batch = max_batch
     self.model_cfg = model_cfg
     self.max_prompt_len = max_prompt_len
     self.num_attempts = num_attempts
@@ -225,6 +242,23 @@ class Sampler:
       self._sample = jax.jit(fn, static_argnames="method",
                              out_shardings=SampleOutput(*[rows] * 4, *[per_attempt] * 4))
 
+  def lower(self, params: Any, batch: int, method: sampling.Method) -> jax.stages.Lowered:
+    """The program `__call__` runs for `batch` rows, lowered without running it.
+
+    `params` may be abstract (`jax.ShapeDtypeStruct`s with shardings): with `.compile()
+    .memory_analysis()` this plans a model's memory on devices that are not there.
+    """
+    def row_input(shape, dtype):
+      sharding = (None if self._mesh is None
+                  else NamedSharding(self._mesh, PartitionSpec(partitioning.BATCH_AXES)))
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    return self._sample.lower(
+        params, row_input((batch, self.max_prompt_len), jnp.int32),
+        row_input((batch,), jnp.int32),
+        jax.ShapeDtypeStruct(self.instruction.shape, jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.uint32), method=method)
+
   def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Token lists -> (int32 [B, max_prompt_len] right-padded, int32 [B] lengths)."""
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -240,6 +274,17 @@ class Sampler:
 
   def __call__(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
                method: sampling.Method) -> SampleOutput:
+    if self.max_batch is None or len(prompts) <= self.max_batch:
+      return self._call(params, prompts, rng, method)
+    chunks = [self._call(params, prompts[i:i + self.max_batch], jax.random.fold_in(rng, i),
+                         method) for i in range(0, len(prompts), self.max_batch)]
+    rows = lambda field, axis: np.concatenate(
+        [np.asarray(getattr(c, field)) for c in chunks], axis=axis)
+    return SampleOutput(**{f.name: rows(f.name, 1 if f.name.startswith("attempt_") else 0)
+                           for f in dataclasses.fields(SampleOutput)})
+
+  def _call(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
+            method: sampling.Method) -> SampleOutput:
     padded, lengths = self.pad_prompts(prompts)
     if self._mesh is None:
       return self._sample(params, padded, lengths, self.instruction, rng, method=method)

@@ -58,16 +58,25 @@ def _shifted_logprobs(model_cfg, params, tokens, log_probs_fn=None, chunk_len=No
 
 
 def reference_logprobs(ref_params: Any, tokens: Array, *, model_cfg: model_lib.ModelConfig,
-                       method: sampling.Method, chunk_len: Optional[int] = None) -> Array:
+                       method: sampling.Method, chunk_len: Optional[int] = None,
+                       num_micro_batches: int = 1) -> Array:
   """Log-probs [B, T-1] of tokens[:, 1:] under the frozen reference, without gradients.
 
   Under `method.log_probs`, the distribution the rollouts were sampled from. Kept out of the
   train step so that the trainer can dispatch it right after sampling and let the device
-  compute it while the host checks the rewards.
+  compute it while the host checks the rewards. Micro-batched like the train step (one
+  micro-batch's activations live at a time).
   """
-  logp, _, _ = _shifted_logprobs(model_cfg, jax.lax.stop_gradient(ref_params), tokens,
-                                 method.log_probs, chunk_len)
-  return jax.lax.stop_gradient(logp)
+  ref_params = jax.lax.stop_gradient(ref_params)
+
+  def one(toks):
+    return _shifted_logprobs(model_cfg, ref_params, toks, method.log_probs, chunk_len)[0]
+
+  if num_micro_batches == 1:
+    return jax.lax.stop_gradient(one(tokens))
+  _, logp = jax.lax.scan(lambda _, toks: (None, one(toks)), None,
+                         split_micro_batches(tokens, num_micro_batches))
+  return jax.lax.stop_gradient(merge_micro_batches(logp))
 
 
 def policy_loss(params: Any, ref_params: Any, batch: Batch, *,
@@ -99,13 +108,43 @@ def sft_loss(params: Any, ref_params: Any, batch: Batch, *,
   return loss, {"loss": loss, "token_accuracy": accuracy}
 
 
+def split_micro_batches(tree: Any, num_micro_batches: int, group_size: int = 1) -> Any:
+  """Leaves [B, ...] -> [M, B / M, ...] for M = `num_micro_batches`.
+
+  Micro-batch m takes the groups m, m + M, m + 2M, ... of `group_size` consecutive rows: each
+  micro-batch holds whole sample groups (the n samples of a prompt, as RLOO needs), and with the
+  batch sharded in contiguous row blocks over devices, every micro-batch takes the same number
+  of rows from every device (when each device's rows hold a multiple of M groups), so all
+  devices work on every micro-batch.
+  """
+  def split(x):
+    rows = x.shape[0]
+    if rows % (num_micro_batches * group_size):
+      raise ValueError(f"batch of {rows} rows does not split into {num_micro_batches} "
+                       f"micro-batches of whole groups of {group_size}")
+    x = x.reshape((rows // (num_micro_batches * group_size), num_micro_batches, group_size)
+                  + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro_batches, rows // num_micro_batches)
+                                         + x.shape[3:])
+  return jax.tree.map(split, tree)
+
+
+def merge_micro_batches(tree: Any, group_size: int = 1) -> Any:
+  """The inverse of `split_micro_batches`: leaves [M, B / M, ...] -> [B, ...]."""
+  def merge(x):
+    m, per = x.shape[:2]
+    x = x.reshape((m, per // group_size, group_size) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((m * per,) + x.shape[3:])
+  return jax.tree.map(merge, tree)
+
+
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
-               optimizer: optax.GradientTransformation,
-               num_micro_batches: int = 1) -> tuple[TrainState, dict[str, Array]]:
+               optimizer: optax.GradientTransformation, num_micro_batches: int = 1,
+               group_size: int = 1) -> tuple[TrainState, dict[str, Array]]:
   """One optimizer update. Pure; jit it with `loss_fn` and `optimizer` bound (partial).
 
-  With `num_micro_batches` > 1 the batch is split along B (keep whole sample groups in each
-  micro-batch: B / num_micro_batches a multiple of the samples per prompt) and the gradients
+  With `num_micro_batches` > 1 the batch is split along B (`split_micro_batches`, whole groups
+  of `group_size` rows, e.g. the samples of a prompt, in each micro-batch) and the gradients
   and metrics of the micro-batches are averaged.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -117,17 +156,11 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
   if num_micro_batches == 1:
     grads, metrics = micro(state.params, batch)
   else:
-    def split(x):
-      if x.shape[0] % num_micro_batches:
-        raise ValueError(f"batch of {x.shape[0]} does not split into {num_micro_batches} "
-                         "micro-batches")
-      return x.reshape((num_micro_batches, -1) + x.shape[1:])
-
     def body(acc, mb):
       grads, metrics = micro(state.params, mb)
       return jax.tree.map(jnp.add, acc, (grads, metrics)), None
 
-    micro_batches = jax.tree.map(split, batch)
+    micro_batches = split_micro_batches(batch, num_micro_batches, group_size)
     first = jax.tree.map(lambda x: x[0], micro_batches)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                          jax.eval_shape(micro, state.params, first))
@@ -141,7 +174,7 @@ def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    num_micro_batches: int = 1):
+                    num_micro_batches: int = 1, group_size: int = 1):
   """`train_step` with its static parts bound: a function (state, batch) -> (state, metrics)."""
   return functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer,
-                           num_micro_batches=num_micro_batches)
+                           num_micro_batches=num_micro_batches, group_size=group_size)

@@ -177,7 +177,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     # From host memory, so that every process lays out its shards of the global state.
     state = jax.jit(init_fn, out_shardings=state_sh)(jax.device_get(policy.params),
                                                      jax.device_get(ref_params))
-    step_fn = jax.jit(ts.make_train_step(loss_fn, optimizer, cfg.num_micro_batches),
+    step_fn = jax.jit(ts.make_train_step(loss_fn, optimizer, cfg.num_micro_batches, n),
                       in_shardings=(state_sh, None), out_shardings=(state_sh, None),
                       donate_argnums=0)
     sampler = conv.make_sampler(model_cfg, num_attempts=cfg.num_attempts,

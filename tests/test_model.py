@@ -117,3 +117,15 @@ def test_llama3_rope_scaling_matches_its_definition():
       expected.append((1 - smooth) * f / 8.0 + smooth * f)
   np.testing.assert_allclose(freq, expected, rtol=1e-5)
   assert freq[0] == expected[0] and freq[-1] < 500_000.0 ** (-62 / 64)
+
+
+def test_unrolled_apply_on_unstacked_layers_equals_scanned(params):
+  cache = model_lib.init_cache(CFG, 2, 12)
+  scanned, cache_a = model_lib.apply(CFG, params, TOKENS, POSITIONS, cache)
+  unrolled, cache_b = model_lib.apply(CFG, params, TOKENS, POSITIONS, cache,
+                                      layers=model_lib.unstack_layers(CFG, params))
+  np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cache_b.k, cache_a.k, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(cache_a.k[:, :, :, :9]).min(axis=-1).max()) > 0  # the cache was written
+  np.testing.assert_array_equal(cache_b.pos[:, :9], POSITIONS)
+  assert int(cache_b.used) == 9 and (np.asarray(cache_b.pos[:, 9:]) == -1).all()

@@ -42,12 +42,15 @@ def _random_params(cfg):
 @pytest.mark.parametrize("logical, shape, expected", [
     (P("embed", "heads", "head_dim"), (64, 4, 16), P("fsdp", "tensor", None)),
     (P("embed", "kv_heads", "head_dim"), (64, 1, 16), P("fsdp", None, None)),
-    (P("vocab", "embed"), (64, 64), P("tensor", "fsdp")),
+    # The vocabulary takes (tensor, fsdp) first: no device holds the whole [V, D] embedding.
+    (P("vocab", "embed"), (64, 64), P(("tensor", "fsdp"), None)),
+    (P("vocab", "embed"), (62, 64), P("tensor", "fsdp")),   # 62 = 2 x 31: tensor only
     (P("vocab", "embed"), (63, 64), P(None, "fsdp")),       # odd vocab: replicated dim
     (P("heads", "head_dim", "embed"), (9, 16, 64), P(None, None, "fsdp")),
     (P("act_batch", "act_length", "act_vocab"), (8, 5, 64), P(("data", "fsdp"), None, "tensor")),
     (P("act_batch", "act_length"), (6, 5), P(None, None)),  # 6 rows over 4 devices
-    (P("vocab", None), (64, 3), P("tensor", None)),
+    (P("vocab", None), (64, 3), P(("tensor", "fsdp"), None)),
+    (P("act_length", "act_vocab"), (5, 64), P(None, ("tensor", "fsdp"))),
     (P("embed"), (64, 3), P("fsdp")),                        # trailing dims replicated
     (P(), (), P()),                                          # scalar
     (None, (3, 4), P()),                                     # no logical names

@@ -154,3 +154,15 @@ def test_prompt_that_does_not_fit_is_an_error(cfg_params):
     make_sampler(cfg, eot_id=3)(params, [[1] * 7], jax.random.PRNGKey(0), sampling.Greedy())
   with pytest.raises(ValueError, match="at least one token"):
     make_sampler(cfg, eot_id=3)(params, [[]], jax.random.PRNGKey(0), sampling.Greedy())
+
+
+def test_max_batch_runs_chunks_of_rows(cfg_params):
+  """Greedy decoding does not depend on the other rows: chunks give the same tokens."""
+  cfg, params = cfg_params
+  whole = make_sampler(cfg, eot_id=3)(params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())
+  chunked = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=MAX_NEW, max_prompt_len=6,
+                                instruction=INSTRUCTION, eot_id=3, pad_id=PAD, max_batch=3)
+  out = chunked(params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())
+  for field in ("tokens", "attempt", "lengths", "attempt_tokens", "attempt_mask"):
+    np.testing.assert_array_equal(getattr(out, field), getattr(whole, field))
+  np.testing.assert_allclose(out.logprobs, whole.logprobs, atol=1e-5)
