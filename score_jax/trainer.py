@@ -266,8 +266,9 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
                                 max_prompt_len=cfg.max_prompt_len, mesh=mesh)
 
   try:
+    # Without the reference: it is the frozen base model, read again from its source.
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, save_ref=False)
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"cannot read the checkpoints in {os.path.join(workdir, 'checkpoints')}: "
                     f"{first_line(e)} (a damaged step directory there? delete it to resume "
@@ -278,7 +279,8 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   smoothed = checkpoints.MovingMean(cfg.reward_window)
   start = 0
   if ckpt.latest_step() is not None:
-    state, meta = _restore(ckpt, ckpt.latest_step(), target, mode)
+    state, meta = _restore(ckpt, ckpt.latest_step(),
+                           target.replace(ref_params=state.ref_params), mode)
     try:
       data.set_state(meta["data"])
     except ValueError as e:
@@ -323,8 +325,9 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   export_step = int(state.step)
   if cfg.export == "best" and ckpt.best_step() not in (None, export_step):
     export_step = ckpt.best_step()
+    ref = state.ref_params
     state = None  # Frees the last state before the best one is read.
-    state, _ = _restore(ckpt, export_step, target, mode)
+    state, _ = _restore(ckpt, export_step, target.replace(ref_params=ref), mode)
   params = multihost_utils.process_allgather(state.params, tiled=True)
   export = os.path.join(workdir, "export")
   checkpoints.export_params(export, model_cfg, params, policy.vocab_spec)

@@ -3,7 +3,7 @@
 The commands are read from README.md's code blocks (and the quickstart target's recipe from the
 Makefile), so the test follows the documentation. They run in order in one scratch directory
 (so relative work dirs such as 'workdirs/stage1' chain the stages as in the README), each with
-size overrides only: one step, 2 prompts x 2 samples, 8 new tokens, 2 evaluation problems.
+size overrides only: one step, 2 prompts x 1 sample, 8 new tokens, 2 evaluation problems.
 All commands share one compilation cache, so a program compiled for one is reused by the next.
 """
 
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "python -m score_jax.main"
 TINY = [  # Sizes only; every mode's scope, as gin files may set scoped values.
     *(f"--gin.{scope}RunConfig.steps=1" for scope in ("", "sft/", "stage1/", "stage2/")),
-    "--gin.RunConfig.batch_prompts=2", "--gin.RunConfig.samples_per_prompt=2",
+    "--gin.RunConfig.batch_prompts=2", "--gin.RunConfig.samples_per_prompt=1",
     "--gin.RunConfig.max_new_tokens=8", "--gin.RunConfig.reward_workers=1",
     "--gin.eval_config.num_problems=2", "--gin.eval_config.batch_size=2",
 ]
