@@ -1,10 +1,11 @@
-# Two entry points for a newcomer: `make demo` and `make test`. Both create .venv by themselves.
+# Entry points for a newcomer: `make demo`, `make quickstart` and `make test`. Each creates .venv by
+# itself.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all test-seqio venv
+.PHONY: demo quickstart test test-all test-seqio venv
 
 $(STAMP): setup.py requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m score_jax.main --gin_file=demo.gin
+
+# SCoRe on a real model (SmolLM2-135M-Instruct, GSM8K) for a few steps: minutes on a CPU.
+quickstart: $(STAMP)
+	$(PY) -m score_jax.main --gin_file=quickstart.gin
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -10,6 +10,8 @@ Which checkpoints stay: the `keep` newest, plus the one with the highest reward 
 is older (the paper picks checkpoints by training reward). One orbax preservation policy
 (LatestN(keep) or BestN(1)) decides this in the same directory, so the best checkpoint is
 never a second copy; a checkpoint saved without a reward counts only among the newest.
+The trainer saves a smoothed reward (`MovingMean` of the per-step training reward), so one
+lucky batch does not pick the checkpoint.
 
 Atomicity: orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it once
 complete. A save killed midway leaves only that temporary directory, which `latest_step`
@@ -26,12 +28,13 @@ may be donated to the next train step right away) and a background thread writes
     directory/vocab.json         how to rebuild the vocabulary (whatever the trainer passes)
 """
 
+import collections
 import dataclasses
 import functools
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +94,25 @@ def _check_json(value: Any, what: str) -> None:
     json.dumps(value)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{what} must be JSON-serializable: {e}") from e
+
+
+class MovingMean:
+  """The mean of the last `window` values added (of all of them while there are fewer)."""
+
+  def __init__(self, window: int, values: Iterable[float] = ()):
+    """`values`: earlier values, oldest first (from `values()`, to continue after a resume)."""
+    if window < 1:
+      raise ValueError(f"window must be >= 1, got {window}")
+    self._values = collections.deque((float(v) for v in values), maxlen=window)
+
+  def add(self, value: float) -> float:
+    """Adds `value`; returns the mean of the window."""
+    self._values.append(float(value))
+    return sum(self._values) / len(self._values)
+
+  def values(self) -> list[float]:
+    """The values in the window, oldest first."""
+    return list(self._values)
 
 
 class Checkpointer:
@@ -166,6 +188,12 @@ class Checkpointer:
     """The reward saved with checkpoint `step`, or None."""
     metrics = self._manager.metrics(step)
     return None if metrics is None else metrics[_REWARD]
+
+  def meta(self, step: int) -> dict:
+    """The JSON dict saved with checkpoint `step`, without reading its arrays."""
+    self._manager.wait_until_finished()
+    return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+                                 )[_META]
 
   def restore(self, step: Optional[int], target: ts.TrainState) -> tuple[ts.TrainState, dict]:
     """Reads checkpoint `step` (None: the latest) as `target`'s tree, dtypes and shardings.

@@ -22,6 +22,15 @@ loss is a sum over attempts of token means:
 In Stage I the attempt-1 tokens therefore get no reward signal: their whole gradient is
 beta2 * d kl / d logp / N_1, the pull back to the reference. Each attempt's tokens see only that
 attempt's (shaped) reward: discount 0 between attempts. `attempt_terms` holds this table.
+
+KL, with d = logp - ref_logp on tokens sampled from pi (`kl`; `kl_estimator`, default k2):
+
+  k2(t) = d^2 / 2        E[grad k2] = E[d * grad logp] = grad KL(pi || pi_ref)   (the paper's)
+  k3(t) = e^-d - 1 + d   E[k3] = KL(pi || pi_ref), but E[grad k3] = grad KL(pi_ref || pi)
+  k1(t) = d              E[grad k1] = E[grad logp] = 0: no pull at all
+
+As a loss term only the gradient matters, so the default is k2: its expected gradient is that of
+the paper's KL(pi || pi_ref). The kl_t{k} metrics report the same estimator's token means.
 """
 
 import dataclasses
@@ -48,7 +57,7 @@ class ObjectiveConfig:
   alpha: float = 10.0
   beta1: float = 0.01
   beta2: float = 0.1
-  kl_estimator: str = "k3"
+  kl_estimator: str = "k2"
   n: int = 1
 
   def __post_init__(self):
@@ -62,7 +71,7 @@ class ObjectiveConfig:
 
 @gin.configurable
 def objective(kind: str = "stage2", alpha: float = 10.0, beta1: float = 0.01,
-              beta2: float = 0.1, kl_estimator: str = "k3") -> ObjectiveConfig:
+              beta2: float = 0.1, kl_estimator: str = "k2") -> ObjectiveConfig:
   """The module's gin entry point. Defaults are the paper's MATH values (MBPP: beta2 = 0.25)."""
   return ObjectiveConfig(kind=kind, alpha=alpha, beta1=beta1, beta2=beta2,
                          kl_estimator=kl_estimator)
@@ -90,12 +99,12 @@ def rloo_advantages(rewards: Array, n: int) -> Array:
   return (groups - others_mean).reshape(batch, num_attempts)
 
 
-def kl(logp: Array, ref_logp: Array, estimator: str = "k3") -> Array:
+def kl(logp: Array, ref_logp: Array, estimator: str = "k2") -> Array:
   """Per-token estimate of KL(pi || pi_ref) from the sampled token's log-probs (any shape).
 
   With d = logp - ref_logp (tokens sampled from pi):
     k1 = d                             unbiased, can be negative.
-    k2 = d^2 / 2                       biased, >= 0.
+    k2 = d^2 / 2                       biased, >= 0; the default (see the module docstring).
     k3 = exp(-d) - 1 + d               unbiased, >= 0 (expm1, then clamped at 0 against rounding).
   Differentiated as a loss term (samples held fixed) the expected per-token gradients are:
   k1 -> 0 (no pull at all), k2 -> grad KL(pi || ref), k3 -> grad KL(ref || pi).

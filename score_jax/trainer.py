@@ -10,11 +10,17 @@
 Modes: "sft" trains the base model on transcripts (cross-entropy); "stage1", "stage2",
 "multi_turn", "single_turn" are the RL objectives of objectives.py. Every run writes
 WORKDIR/metrics.jsonl, TensorBoard events, orbax checkpoints (resumed automatically after a
-crash) and, at the end, WORKDIR/export (the final weights, for the next stage or evaluation).
+crash) and, at the end, WORKDIR/export: the weights for the next stage or evaluation.
+
+Which weights are exported (`RunConfig.export`): "best", as in the paper, is the checkpoint with
+the highest training reward (the final attempt's reward; for SFT the negative loss), smoothed
+by a moving mean over the last `RunConfig.reward_window` steps; "last" is the final step.
+WORKDIR/export/selection.json records the step exported and its smoothed reward.
 """
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -67,9 +73,12 @@ class RunConfig:
   num_attempts: int = 2
   max_new_tokens: int = 64
   max_prompt_len: int = 128
+  truncated_reward: Optional[float] = 0.0  # an attempt cut at max_new_tokens; None: checked
   num_micro_batches: int = 1
   checkpoint_every: int = 50
-  keep_checkpoints: int = 3
+  keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
+  export: str = "best"            # "best" (by smoothed training reward) or "last"
+  reward_window: int = 10         # steps in the moving mean of the training reward
   log_every: int = 10
   reward_workers: int = 2
   seed: int = 0
@@ -120,6 +129,43 @@ def _training_reward(mode: str, metrics: dict[str, Any]) -> float:
   return float(metrics[finals[-1]])
 
 
+def check_prompt_lengths(conv: rollout_lib.Conversation, examples, max_prompt_len: int) -> None:
+  """Raises a one-line UserError when a prompt of `examples` has more than `max_prompt_len`
+  tokens (nothing is truncated), naming the longest one and the setting that fits them all."""
+  longest, worst, too_long = 0, None, 0
+  for ex in examples:
+    n = len(conv.prompt_ids(ex))
+    too_long += n > max_prompt_len
+    if n > longest:
+      longest, worst = n, ex
+  if too_long:
+    raise UserError(
+        f"{too_long} of {len(examples)} prompts of task {conv.task.name!r} are longer than "
+        f"RunConfig.max_prompt_len={max_prompt_len} tokens (the longest, {worst.id}, has "
+        f"{longest}): set --gin.RunConfig.max_prompt_len={longest} or more")
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an error's message (gin appends lines about its call context)."""
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _restore(ckpt: checkpoints.Checkpointer, step: int, target: Any, mode: str):
+  """`ckpt.restore`; a checkpoint that cannot be read, or one of another mode, as one line
+  naming it."""
+  where = f"checkpoint {step} in {ckpt.directory}"
+  try:
+    saved_mode = ckpt.meta(step).get("mode", mode)
+    if saved_mode == mode:
+      return ckpt.restore(step, target)
+  except checkpoints.CheckpointMismatchError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"cannot read {where}: {first_line(e)} (delete that step directory to "
+                    "resume from an earlier one)") from None
+  raise UserError(f"{where} is from a {saved_mode} run, not {mode}: use a fresh work dir")
+
+
 def batch_hash(examples) -> int:
   """A fingerprint of a batch's example ids (logged, to check the data order on resume)."""
   return zlib.crc32("\n".join(e.id for e in examples).encode())
@@ -151,6 +197,11 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   """Trains `policy` for `cfg.steps` steps (resuming from WORKDIR's checkpoints); exports it."""
   if mode != "sft" and mode not in RL_MODES:
     raise UserError(f"unknown training mode {mode!r}; use sft or one of {RL_MODES}")
+  if cfg.export not in ("best", "last"):
+    raise UserError(f"RunConfig.export must be 'best' or 'last', got {cfg.export!r}")
+  if cfg.reward_window < 1:
+    raise UserError(f"RunConfig.reward_window must be >= 1, got {cfg.reward_window}")
+  check_prompt_lengths(policy.conv, task.examples("train"), cfg.max_prompt_len)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh or partitioning.make_mesh(partitioning.mesh_shape())
   model_cfg, conv = policy.model_cfg, policy.conv
@@ -184,15 +235,28 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
                                 max_new_tokens=cfg.max_new_tokens,
                                 max_prompt_len=cfg.max_prompt_len, mesh=mesh)
 
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                  keep=cfg.keep_checkpoints)
+  try:
+    # Without the reference: it is the frozen base model, read again from its source.
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    keep=cfg.keep_checkpoints, save_ref=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"cannot read the checkpoints in {os.path.join(workdir, 'checkpoints')}: "
+                    f"{first_line(e)} (a damaged step directory there? delete it to resume "
+                    "from an earlier one)") from None
   data = data_lib.PromptIterator(task.examples("train"), per_host, seed=cfg.seed)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        state_shapes, state_sh)
+  smoothed = checkpoints.MovingMean(cfg.reward_window)
   start = 0
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(None, jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        state_shapes, state_sh))
-    data.set_state(meta["data"])
+    state, meta = _restore(ckpt, ckpt.latest_step(),
+                           target.replace(ref_params=state.ref_params), mode)
+    try:
+      data.set_state(meta["data"])
+    except ValueError as e:
+      raise UserError(f"the checkpoints in {ckpt.directory} were written with other data "
+                      f"settings ({e}): use a fresh work dir") from None
+    smoothed = checkpoints.MovingMean(cfg.reward_window, meta.get("recent_rewards", ()))
     start = int(state.step)
     logging.info("Resumed %s from step %d in %s", mode, start, workdir)
     print(f"Resuming {mode} from step {start}", file=sys.stderr, flush=True)
@@ -219,17 +283,31 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
                      epoch=data.epoch)
       last = step + 1 == cfg.steps
       writer.write(step + 1, metrics, console=(step + 1) % cfg.log_every == 0 or last)
+      reward = smoothed.add(_training_reward(mode, metrics))
       if (step + 1) % cfg.checkpoint_every == 0 or last:
-        ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode},
-                  reward=_training_reward(mode, metrics))
+        ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode,
+                                    "recent_rewards": smoothed.values()}, reward=reward)
     ckpt.wait()
   finally:
     writer.close()
     if pool is not None:
       pool.close()
+  export_step = int(state.step)
+  if cfg.export == "best" and ckpt.best_step() not in (None, export_step):
+    export_step = ckpt.best_step()
+    ref = state.ref_params
+    state = None  # Frees the last state before the best one is read.
+    state, _ = _restore(ckpt, export_step, target.replace(ref_params=ref), mode)
   params = multihost_utils.process_allgather(state.params, tiled=True)
-  checkpoints.export_params(os.path.join(workdir, "export"), model_cfg, params,
-                            policy.vocab_spec)
+  export = os.path.join(workdir, "export")
+  checkpoints.export_params(export, model_cfg, params, policy.vocab_spec)
+  if jax.process_index() == 0:
+    selection = {"step": export_step, "last_step": cfg.steps, "rule": cfg.export,
+                 "reward_window": cfg.reward_window, "smoothed_reward": ckpt.reward(export_step)}
+    with open(os.path.join(export, "selection.json"), "w") as f:
+      json.dump(selection, f, indent=2)
+    print(f"Exported step {export_step} of {cfg.steps} ({cfg.export}; smoothed training reward "
+          f"{selection['smoothed_reward']}) to {export}", file=sys.stderr, flush=True)
   ckpt.close()
   return dataclasses.replace(policy, params=params)
 
@@ -241,7 +319,8 @@ def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh
     ro = rollout_lib.generate(conv, sampler, state.params, examples, rng,
                               sampling_method(cfg), cfg.samples_per_prompt)
     t_sampled = time.time()
-    rewards_future = rollout_lib.score(pool, task, ro)  # Each host checks its own rows.
+    # Each host checks its own rows.
+    rewards_future = rollout_lib.score(pool, task, ro, cfg.truncated_reward)
     batch = partitioning.host_local_to_global(
         {"tokens": ro.output.tokens, "attempt": ro.output.attempt}, mesh)
     # Dispatched asynchronously: the device computes while the host waits for the rewards.

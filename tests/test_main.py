@@ -25,10 +25,13 @@ TINY = [  # A few steps of everything, small batches, few eval problems.
 ]
 
 
+ENV = dict(os.environ, JAX_PLATFORMS="cpu",  # This checkout's package, from any cwd.
+           PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+
+
 def run_main(*args, cwd=None, timeout=600, check=True):
   proc = subprocess.run([sys.executable, "-m", "score_jax.main", *args], cwd=cwd or ROOT,
-                        capture_output=True, text=True, timeout=timeout,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        capture_output=True, text=True, timeout=timeout, env=ENV)
   if check and proc.returncode != 0:
     raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
   return proc
@@ -68,13 +71,20 @@ def test_pipeline_runs_every_stage_and_writes_the_table(pipeline_dir):
   assert "experiment.mode = 'pipeline'" in (pipeline_dir / "config.gin").read_text()
 
 
-@pytest.mark.parametrize("mode", ["stage1", "stage2", "multi_turn", "single_turn", "eval"])
+@pytest.mark.parametrize("mode", ["stage1", "stage2", "stage2_without_stage1", "multi_turn",
+                                  "single_turn", "eval"])
 def test_each_mode_from_its_gin_file(pipeline_dir, tmp_path, mode):
-  gin_file = {"multi_turn": "stage2.gin", "single_turn": "stage1.gin"}.get(mode, mode + ".gin")
+  gin_file = {"multi_turn": "stage2.gin", "single_turn": "stage1.gin",
+              "stage2_without_stage1": "stage2.gin"}.get(mode, mode + ".gin")
+  if mode == "stage2_without_stage1":  # The paper's ablation: Stage II from the base model.
+    mode = "stage2"
+    extra = ["--gin.WITHOUT_STAGE1=True"]
+  else:
+    extra = []
   args = [f"--gin_file={gin_file}", "--gin_file=tasks/toy.gin", f"--gin.WORKDIR='{tmp_path}'",
           f"--gin.BASE_WORKDIR='{pipeline_dir / 'base'}'", *TINY,
-          f"--gin.{mode}/RunConfig.steps=2"]
-  if mode in ("stage2", "multi_turn"):
+          f"--gin.{mode}/RunConfig.steps=2", *extra]
+  if mode in ("stage2", "multi_turn") and not extra:
     args.append(f"--gin.STAGE1_WORKDIR='{pipeline_dir / 'stage1'}'")
   if mode in ("multi_turn", "single_turn"):
     args.append(f"--gin.experiment.mode='{mode}'")
@@ -86,22 +96,10 @@ def test_each_mode_from_its_gin_file(pipeline_dir, tmp_path, mode):
     assert "Acc@t1" in proc.stdout
   else:
     assert (tmp_path / "export" / "model_config.json").exists()
-    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == 2
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--gin_file=no_such_file.gin"], "not found"),
-    (["--gin_file=sft.gin", "--gin_file=tasks/toy.gin", "--gin.RunConfig.no_such_knob=1"],
-     "bad gin config"),
-    (["--gin_file=stage2.gin", "--gin_file=tasks/toy.gin", "--gin.BASE_WORKDIR='/nonexistent'",
-      "--gin.STAGE1_WORKDIR='/nonexistent/stage1'"], "no exported model"),
-])
-def test_bad_input_is_one_clear_line(tmp_path, args, message):
-  proc = run_main(*args, f"--gin.WORKDIR='{tmp_path}'", check=False)
-  assert proc.returncode == 2, proc.stderr
-  assert message in proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    metrics = read_jsonl(tmp_path / "metrics.jsonl")
+    assert metrics[-1]["step"] == 2
+    if extra:  # Started from the base model, which is also the KL reference.
+      assert metrics[0]["kl_t1"] < 1e-6 and metrics[0]["kl_t2"] < 1e-6
 
 
 def test_workdir_with_checkpoint_of_another_model_shape(pipeline_dir, tmp_path):
@@ -157,7 +155,7 @@ def run_two_processes(*args):
       [sys.executable, "-m", "score_jax.main", "--distributed",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
        *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu")) for i in range(2)]
+      env=ENV) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out

@@ -50,6 +50,7 @@ BETA1, BETA2 = 0.01, 0.1
 
 
 def _cfg(kind, **kw):
+  kw.setdefault("kl_estimator", "k3")  # The hand values above are k3's.
   return objectives.ObjectiveConfig(kind=kind, alpha=10.0, beta1=BETA1, beta2=BETA2, n=2, **kw)
 
 
@@ -140,6 +141,53 @@ def test_kl_is_finite_for_large_gaps():
     assert np.isfinite(value).all() and np.isfinite(grad).all(), est
   np.testing.assert_allclose(objectives.kl(logp, ref, "k3"), [49.0, math.exp(50) - 51],
                              rtol=1e-5)
+
+
+def _categorical_kl_gradients(estimator, num_samples=200_000, seed=0):
+  """On a 5-token categorical policy pi = softmax(theta) and a fixed pi_ref: the gradient in
+  theta of the loss term kl(log pi(x), log pi_ref(x)) for x ~ pi, per sample [S, 5], and the
+  exact gradients of KL(pi || pi_ref) and KL(pi_ref || pi) [5]."""
+  theta = jnp.array([0.5, -1.0, 1.5, 0.0, -0.3])
+  ref_logp = jax.nn.log_softmax(jnp.array([-0.2, 0.4, 0.3, -1.0, 0.8]))
+  x = jax.random.categorical(jax.random.PRNGKey(seed), theta, shape=(num_samples,))
+
+  def term(th, token):
+    return objectives.kl(jax.nn.log_softmax(th)[token], ref_logp[token], estimator)
+
+  per_sample = jax.jit(jax.vmap(jax.grad(term), in_axes=(None, 0)))(theta, x)
+
+  def kl_forward(th):  # KL(pi || pi_ref), exactly.
+    logp = jax.nn.log_softmax(th)
+    return jnp.sum(jnp.exp(logp) * (logp - ref_logp))
+
+  def kl_reverse(th):  # KL(pi_ref || pi), exactly.
+    return jnp.sum(jnp.exp(ref_logp) * (ref_logp - jax.nn.log_softmax(th)))
+
+  return np.asarray(per_sample), jax.grad(kl_forward)(theta), jax.grad(kl_reverse)(theta)
+
+
+def _within_sampling_error(per_sample, exact):
+  """Whether the mean of per-sample gradients is within 4 standard errors of `exact`."""
+  mean = per_sample.mean(0)
+  stderr = per_sample.std(0) / math.sqrt(len(per_sample))
+  return bool(np.all(np.abs(mean - exact) <= 4 * stderr + 1e-6))
+
+
+def test_default_kl_estimator_has_the_gradient_of_kl_pi_to_ref():
+  # The default everywhere a user can meet it: the function, the config and the gin entry point.
+  default = objectives.ObjectiveConfig().kl_estimator
+  assert objectives.objective().kl_estimator == default
+  assert objectives.kl.__defaults__ == (default,)
+  per_sample, forward, reverse = _categorical_kl_gradients(default)
+  assert np.max(np.abs(forward - reverse)) > 0.05  # The two directions differ here ...
+  assert _within_sampling_error(per_sample, forward)
+  assert not _within_sampling_error(per_sample, reverse)  # ... and the test tells them apart.
+
+
+def test_k3_as_a_loss_term_has_the_gradient_of_the_reverse_kl():
+  per_sample, forward, reverse = _categorical_kl_gradients("k3")
+  assert _within_sampling_error(per_sample, reverse)
+  assert not _within_sampling_error(per_sample, forward)
 
 
 def test_kl_rejects_unknown_estimator():
@@ -333,5 +381,5 @@ def test_gin_factory_and_trainer_sets_n():
   finally:
     gin.clear_config()
   assert cfg == objectives.ObjectiveConfig(kind="stage1", alpha=10.0, beta1=0.01, beta2=0.25,
-                                           kl_estimator="k3", n=1)
+                                           kl_estimator="k2", n=1)
   assert dataclasses.replace(cfg, n=4).n == 4

@@ -628,8 +628,7 @@ def _make_test_environment(
       copies[name] = types.ModuleType(name)
       vars(copies[name]).update(vars(module))
       originals[id(module)] = (module, name)
-  module_type, type_, id_, str_, dict_, callable_ = (
-      types.ModuleType, type, id, str, dict, callable)
+  type_, id_, str_, callable_ = type, id, str, callable
   object_, assertion_error, thread_count = object, AssertionError, _thread._count
   real_import = builtins.__import__
   mro_of, vars_of = type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__
