@@ -1,8 +1,9 @@
-"""The benchmarks' work counts (benchmarks/yardsticks.py) against the matmuls JAX really traces.
+"""The benchmarks' pure parts: work counts (benchmarks/yardsticks.py) and the sampler
+benchmark's helpers.
 
-The reference is the program itself: every `dot_general` of the jaxpr of a tiny model's
-forward (or forward + backward), 2 * output size * contracted size FLOPs each, with the bodies
-of scans counted once per iteration.
+The reference for the work counts is the program itself: every `dot_general` of the jaxpr of a
+tiny model's forward (or forward + backward), 2 * output size * contracted size FLOPs each,
+with the bodies of scans counted once per iteration.
 """
 
 import math
@@ -18,6 +19,7 @@ import pytest
 from score_jax import model as model_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import bench_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
 import yardsticks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -107,3 +109,47 @@ def test_decode_step_bytes_count_weights_and_the_attended_cache():
 def test_peaks_are_positive_and_finite():
   assert 0 < yardsticks.matmul_flops_per_s(64, repeats=2) < np.inf
   assert 0 < yardsticks.memory_bandwidth(1 << 20, repeats=2) < np.inf
+
+
+
+def test_leading_agreement_counts_tokens_before_the_first_difference():
+  ours = np.array([[[1, 2, 3, 4], [5, 6, 7, 8]]])  # [K=1, B=2, N=4]
+  cases = [([[1, 2, 3, 4], [5, 6, 7, 8]], 8),
+           ([[1, 2, 0, 4], [5, 6, 7, 8]], 6),  # tokens after a difference do not count
+           ([[0, 2, 3, 4], [5, 6, 7, 0]], 3),
+           ([[0, 0, 0, 0], [0, 0, 0, 0]], 0)]
+  for theirs, expected in cases:
+    assert bench_sampler.leading_agreement(ours, np.array([theirs])) == expected
+
+
+def test_tunix_gemma3_params_compute_our_projections():
+  """Tunix's einsums (its Gemma 3 model: 'BTD,NDH->BTNH', 'BSD,CKDH->CBSKH', 'BTNH,NHD->BTD',
+  nnx.Linear kernels [in, out]) over the mapped weights give our model's projections."""
+  cfg = _CONFIGS["gemma3"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                        _abstract_params(cfg))
+  tree = bench_sampler.tunix_gemma3_params(cfg, params)
+  assert sorted(tree["layers"]) == list(range(cfg.num_layers))
+  x = rng.standard_normal((5, cfg.embed_dim)).astype(np.float32)
+  for i in range(cfg.num_layers):
+    ours = jax.tree.map(lambda w: w[i], params["layers"])  # pylint: disable=cell-var-from-loop
+    theirs = tree["layers"][i]
+    q = np.einsum("td,ndh->tnh", x, theirs["attn"]["q_einsum"]["w"])
+    np.testing.assert_allclose(q, np.einsum("td,dnh->tnh", x, ours["attn"]["q"]), rtol=1e-5)
+    k, v = np.einsum("td,ckdh->ctkh", x, theirs["attn"]["kv_einsum"]["w"])
+    np.testing.assert_allclose(k, np.einsum("td,dkh->tkh", x, ours["attn"]["k"]), rtol=1e-5)
+    np.testing.assert_allclose(v, np.einsum("td,dkh->tkh", x, ours["attn"]["v"]), rtol=1e-5)
+    np.testing.assert_array_equal(theirs["attn"]["attn_vec_einsum"]["w"], ours["attn"]["o"])
+    for name, our_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+      np.testing.assert_array_equal(theirs["mlp"][name]["kernel"], ours["mlp"][our_name])
+    for name, our_name in (("pre_attention_norm", "pre_attn_norm"),
+                           ("post_attention_norm", "post_attn_norm"),
+                           ("pre_ffw_norm", "pre_mlp_norm"), ("post_ffw_norm", "post_mlp_norm")):
+      np.testing.assert_array_equal(theirs[name]["scale"], ours[our_name]["scale"])
+    np.testing.assert_array_equal(theirs["attn"]["_query_norm"]["scale"],
+                                  ours["attn"]["q_norm"]["scale"])
+    np.testing.assert_array_equal(theirs["attn"]["_key_norm"]["scale"],
+                                  ours["attn"]["k_norm"]["scale"])
+  np.testing.assert_array_equal(tree["embedder"]["input_embedding"], params["embedding"])
+  np.testing.assert_array_equal(tree["final_norm"]["scale"], params["final_norm"]["scale"])
