@@ -439,6 +439,11 @@ _SIDES_FNS = {"ours": _ours, "transformers": _transformers, "tunix": _tunix,
 
 
 def _worker_main(side: str, job_path: str) -> None:
+  try:  # On a shared machine, let the kernel's OOM killer pick this process first.
+    with open("/proc/self/oom_score_adj", "w") as f:
+      f.write("1000")
+  except OSError:
+    pass
   with open(job_path) as f:
     job = json.load(f)
   result = _SIDES_FNS[side](job)

@@ -2,7 +2,7 @@
 
     make bench-train-step     # or:
     .venv/bin/python benchmarks/bench_train_step.py [--model=smollm2_135m] [--batch=16] \\
-        [--seq_len=512] [--num_micro_batches=1] [--remat=none|full|save_dots] \\
+        [--seq_len=512] [--num_micro_batches=4] [--remat=none|full|save_dots] \\
         [--dtype=float32|bfloat16] [--chunk_len=256] [--repeats=3]
     .venv/bin/python benchmarks/bench_train_step.py --breakdown [--breakdown_steps=4]
 
@@ -70,7 +70,8 @@ _BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.", lower_bound=1)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.", lower_bound=8)
 _SAMPLES = flags.DEFINE_integer("samples_per_prompt", 4, "Rows per prompt (RLOO group).",
                                 lower_bound=1)
-_MICRO = flags.DEFINE_integer("num_micro_batches", 1, "Micro-batches per step.", lower_bound=1)
+_MICRO = flags.DEFINE_integer("num_micro_batches", 4, "Micro-batches per step (gradients "
+                             "summed over them; less activation memory).", lower_bound=1)
 _REMAT = flags.DEFINE_enum("remat", "none", sorted(model_lib.REMAT_POLICIES),
                            "Rematerialisation of the scanned layers.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
