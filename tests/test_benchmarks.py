@@ -1,0 +1,155 @@
+"""The benchmarks' pure parts: work counts (benchmarks/yardsticks.py) and the sampler
+benchmark's helpers.
+
+The reference for the work counts is the program itself: every `dot_general` of the jaxpr of a
+tiny model's forward (or forward + backward), 2 * output size * contracted size FLOPs each,
+with the bodies of scans counted once per iteration.
+"""
+
+import math
+import os
+import sys
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from score_jax import model as model_lib
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import bench_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
+import yardsticks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _dot_flops(jaxpr: jex.core.Jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("while", "cond"):
+      raise ValueError(f"cannot count FLOPs through {eqn.primitive.name}")
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    for sub in jex.core.jaxprs_in_params(eqn.params):
+      total += times * _dot_flops(sub)
+  return total
+
+
+def _abstract_params(cfg: model_lib.ModelConfig):
+  """Parameter shapes only: tracing needs no values."""
+  return jax.eval_shape(lambda key: model_lib.init_params(cfg, key), jax.random.PRNGKey(0))
+
+
+# Llama-like (untied head, GQA) and Gemma-3-like (tied embedding, MQA, sliding window).
+_CONFIGS = {
+    "llama": model_lib.ModelConfig(vocab_size=96, num_layers=3, embed_dim=32, num_heads=4,
+                                   num_kv_heads=2, head_dim=8, mlp_dim=48,
+                                   tie_embeddings=False),
+    "gemma3": model_lib.tiny_config(vocab_size=80, num_kv_heads=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_train_flops_equal_traced_matmuls_of_forward_and_backward(name):
+  cfg = _CONFIGS[name]
+  params = _abstract_params(cfg)
+  batch, length = 2, 12
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+
+  def loss(p):
+    logits, _ = model_lib.forward(cfg, p, tokens, positions)
+    return jnp.sum(logits**2)
+
+  traced = _dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  assert yardsticks.train_flops(cfg, batch, length) == traced
+  forward = _dot_flops(jax.make_jaxpr(loss)(params).jaxpr)
+  assert 3 * forward == traced
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_decode_step_flops_equal_traced_matmuls(name):
+  cfg = _CONFIGS[name]
+  params = _abstract_params(cfg)
+  batch, slots, attend_len = 3, 20, 14
+  cache = model_lib.init_cache(cfg, batch, slots)
+  tok = jnp.zeros((batch, 1), jnp.int32)
+  pos = jnp.full((batch, 1), 9, jnp.int32)
+
+  def step(p, c):
+    hidden, c = model_lib.apply(cfg, p, tok, pos, c, attend_len)
+    return model_lib.logits_of(cfg, p, hidden[:, 0]), c
+
+  traced = _dot_flops(jax.make_jaxpr(step)(params, cache).jaxpr)
+  assert yardsticks.decode_step_flops(cfg, batch, attend_len) == traced
+
+
+def test_matmul_params_are_the_matmul_weights():
+  for cfg in _CONFIGS.values():
+    params = _abstract_params(cfg)
+    if not cfg.tie_embeddings:  # The input embedding is a lookup, the head a matmul.
+      params = dict(params, embedding=np.zeros(0))
+    matrices = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+                if "norm" not in jax.tree_util.keystr(path)]
+    assert yardsticks.matmul_params(cfg) == sum(x.size for x in matrices)
+
+
+def test_decode_step_bytes_count_weights_and_the_attended_cache():
+  cfg = _CONFIGS["gemma3"]
+  weights = yardsticks.matmul_params(cfg) * 4
+  cache = model_lib.init_cache(cfg, 2, 10)  # float32, as cfg.dtype
+  per_slot = (cache.k.nbytes + cache.v.nbytes) // 10
+  assert yardsticks.decode_step_bytes(cfg, 2, 10) == weights + 10 * per_slot
+  assert yardsticks.decode_step_bytes(cfg, 2, 3) == weights + 3 * per_slot
+
+
+def test_peaks_are_positive_and_finite():
+  assert 0 < yardsticks.matmul_flops_per_s(64, repeats=2) < np.inf
+  assert 0 < yardsticks.memory_bandwidth(1 << 20, repeats=2) < np.inf
+
+
+
+def test_leading_agreement_counts_tokens_before_the_first_difference():
+  ours = np.array([[[1, 2, 3, 4], [5, 6, 7, 8]]])  # [K=1, B=2, N=4]
+  cases = [([[1, 2, 3, 4], [5, 6, 7, 8]], 8),
+           ([[1, 2, 0, 4], [5, 6, 7, 8]], 6),  # tokens after a difference do not count
+           ([[0, 2, 3, 4], [5, 6, 7, 0]], 3),
+           ([[0, 0, 0, 0], [0, 0, 0, 0]], 0)]
+  for theirs, expected in cases:
+    assert bench_sampler.leading_agreement(ours, np.array([theirs])) == expected
+
+
+def test_tunix_gemma3_params_compute_our_projections():
+  """Tunix's einsums (its Gemma 3 model: 'BTD,NDH->BTNH', 'BSD,CKDH->CBSKH', 'BTNH,NHD->BTD',
+  nnx.Linear kernels [in, out]) over the mapped weights give our model's projections."""
+  cfg = _CONFIGS["gemma3"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                        _abstract_params(cfg))
+  tree = bench_sampler.tunix_gemma3_params(cfg, params)
+  assert sorted(tree["layers"]) == list(range(cfg.num_layers))
+  x = rng.standard_normal((5, cfg.embed_dim)).astype(np.float32)
+  for i in range(cfg.num_layers):
+    ours = jax.tree.map(lambda w: w[i], params["layers"])  # pylint: disable=cell-var-from-loop
+    theirs = tree["layers"][i]
+    q = np.einsum("td,ndh->tnh", x, theirs["attn"]["q_einsum"]["w"])
+    np.testing.assert_allclose(q, np.einsum("td,dnh->tnh", x, ours["attn"]["q"]), rtol=1e-5)
+    k, v = np.einsum("td,ckdh->ctkh", x, theirs["attn"]["kv_einsum"]["w"])
+    np.testing.assert_allclose(k, np.einsum("td,dkh->tkh", x, ours["attn"]["k"]), rtol=1e-5)
+    np.testing.assert_allclose(v, np.einsum("td,dkh->tkh", x, ours["attn"]["v"]), rtol=1e-5)
+    np.testing.assert_array_equal(theirs["attn"]["attn_vec_einsum"]["w"], ours["attn"]["o"])
+    for name, our_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+      np.testing.assert_array_equal(theirs["mlp"][name]["kernel"], ours["mlp"][our_name])
+    for name, our_name in (("pre_attention_norm", "pre_attn_norm"),
+                           ("post_attention_norm", "post_attn_norm"),
+                           ("pre_ffw_norm", "pre_mlp_norm"), ("post_ffw_norm", "post_mlp_norm")):
+      np.testing.assert_array_equal(theirs[name]["scale"], ours[our_name]["scale"])
+    np.testing.assert_array_equal(theirs["attn"]["_query_norm"]["scale"],
+                                  ours["attn"]["q_norm"]["scale"])
+    np.testing.assert_array_equal(theirs["attn"]["_key_norm"]["scale"],
+                                  ours["attn"]["k_norm"]["scale"])
+  np.testing.assert_array_equal(tree["embedder"]["input_embedding"], params["embedding"])
+  np.testing.assert_array_equal(tree["final_norm"]["scale"], params["final_norm"]["scale"])
