@@ -393,15 +393,19 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   out = {"bandwidth": yardsticks.memory_bandwidth(),
          "matmul_flops": yardsticks.matmul_flops_per_s(2048), "span": span, "batches": {}}
 
+  # The decode step as the sampler runs it on a CPU: the layers unrolled on weight slices
+  # taken once per call (`unroll_decode`), here once for all steps.
+  params = (params, model_lib.unstack_layers(cfg, params))
+
   def layers(p, tok, pos, cache):
-    return model_lib.apply(cfg, p, tok, pos, cache, span)
+    return model_lib.apply(cfg, p[0], tok, pos, cache, span, p[1])
 
   def step(p, tok, pos, cache, key):
-    hidden, cache = model_lib.apply(cfg, p, tok, pos, cache, span)
-    return method.choose(model_lib.logits_of(cfg, p, hidden[:, 0]), key)[0], cache
+    hidden, cache = layers(p, tok, pos, cache)
+    return method.choose(model_lib.logits_of(cfg, p[0], hidden[:, 0]), key)[0], cache
 
   layers_fn = jax.jit(layers, donate_argnums=3)
-  head_fn = jax.jit(lambda p, h: model_lib.logits_of(cfg, p, h))
+  head_fn = jax.jit(lambda p, h: model_lib.logits_of(cfg, p[0], h))
   choose_fn = jax.jit(lambda logits, key: method.choose(logits, key)[0])
   step_fn = jax.jit(step, donate_argnums=3)
   key = jax.random.PRNGKey(0)

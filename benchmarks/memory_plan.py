@@ -26,7 +26,8 @@ the Stage II loss (chunked log-probs), micro-batched to `--micro_batch` sequence
 per data-parallel device), float32 master weights and Adam moments, the frozen reference in the
 compute dtype, activations in `--dtype` with `--remat` layers; the reference forward
 micro-batched alike; the sampler with a `--cache_dtype` KV cache over prompt + K attempts +
-instructions, on parameters in the compute dtype.
+instructions, on parameters in the compute dtype, decoding with the layers scanned (as on an
+accelerator; on a CPU backend the sampler unrolls them by default).
 
 The CPU compiler's buffer assignment is not a TPU's or a GPU's: take the figures as a plan
 (within tens of percent), not as a measurement of the accelerator.
@@ -211,7 +212,7 @@ def plan_programs(model_cfg: model_lib.ModelConfig, mesh, *, batch: int, samples
       sampler = sampler_lib.Sampler(
           model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
           max_prompt_len=prompt_len, instruction=[1] * instruction_len, eot_id=1, pad_id=0,
-          mesh=mesh, cache_dtype=cache_dtype)
+          mesh=mesh, cache_dtype=cache_dtype, unroll_decode=False)  # as on accelerators
       yield _plan("sampler", sampler, _abstract(compute, param_sh), sampler_batch, method)
 
 

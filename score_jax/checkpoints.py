@@ -21,6 +21,9 @@ Saves are asynchronous: `save` returns once the arrays are copied to host memory
 may be donated to the next train step right away) and a background thread writes them;
 `wait()` and `close()` block until everything is on disk.
 
+Paths may be local or remote (`gs://bucket/...`): they go through `etils.epath`, and orbax
+writes Cloud Storage natively.
+
 `export_params` / `load_export` write and read a directory that evaluation can use on its own:
 
     directory/model_config.json  dataclasses.asdict(ModelConfig), dtypes by name
@@ -33,9 +36,9 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from typing import Any, Iterable, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -52,6 +55,12 @@ _EXPORT_CONFIG, _EXPORT_PARAMS, _EXPORT_VOCAB = "model_config.json", "params", "
 
 class CheckpointMismatchError(ValueError):
   """Stored arrays do not have the shapes (or tree) of the model being restored."""
+
+
+def resolve(path: Any) -> epath.Path:
+  """`path` as an `epath.Path`: local paths made absolute, `gs://...` and the like as they are."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.absolute()
 
 
 def _key_name(key: Any) -> str:
@@ -129,7 +138,7 @@ class Checkpointer:
     """
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
-    self.directory = os.path.abspath(directory)
+    self.directory = resolve(directory)
     self._save_ref = save_ref
     best_fn = lambda metrics: metrics[_REWARD]
     options = ocp.CheckpointManagerOptions(
@@ -263,11 +272,11 @@ def _param_shapes(cfg: model_lib.ModelConfig) -> Any:
   return jax.eval_shape(functools.partial(model_lib.init_params, cfg), jax.random.PRNGKey(0))
 
 
-def _write_json(path: str, value: Any) -> None:
+def _write_json(path: epath.Path, value: Any) -> None:
   """Writes `value` to `path` through a temporary file, so readers never see half a file."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(value, indent=2))
+  tmp.replace(path)
 
 
 def _config_from_dict(fields: dict, path: str) -> model_lib.ModelConfig:
@@ -303,23 +312,24 @@ def export_params(directory: str, model_cfg: model_lib.ModelConfig, params: Any,
     params: the parameter tree (arrays of any sharding, or numpy).
     vocab_spec: JSON-serializable description of the tokenizer, returned by `load_export`.
   """
-  directory = os.path.abspath(directory)
+  directory = resolve(directory)
   _check_shapes(_shapes(params), _shapes(_param_shapes(model_cfg)), "params to export",
                 "export the parameters of the given model config")
   _check_json(vocab_spec, "vocab_spec")
   config = dataclasses.asdict(model_cfg)
   config["dtype"] = jnp.dtype(model_cfg.dtype).name
   config["param_dtype"] = jnp.dtype(model_cfg.param_dtype).name
-  config_path = os.path.join(directory, _EXPORT_CONFIG)
+  config_path = directory / _EXPORT_CONFIG
   primary = jax.process_index() == 0
   if primary:
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(config_path):  # Incomplete until the new parameters are written.
-      os.remove(config_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    if config_path.exists():  # Incomplete until the new parameters are written.
+      config_path.unlink()
+  # Every process writes its own shards of sharded arrays: nothing is gathered to one host.
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, _EXPORT_PARAMS), params, force=True)
+    checkpointer.save(directory / _EXPORT_PARAMS, params, force=True)
   if primary:
-    _write_json(os.path.join(directory, _EXPORT_VOCAB), vocab_spec)
+    _write_json(directory / _EXPORT_VOCAB, vocab_spec)
     _write_json(config_path, config)
 
 
@@ -334,19 +344,17 @@ def load_export(directory: str, shardings: Any = None
   Returns:
     The config, the parameters as jax arrays of the config's dtype, and the vocab spec.
   """
-  directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, _EXPORT_CONFIG)
-  if not os.path.isfile(config_path):
+  directory = resolve(directory)
+  config_path = directory / _EXPORT_CONFIG
+  if not config_path.is_file():
     raise FileNotFoundError(f"{directory} holds no complete export (no {_EXPORT_CONFIG})")
-  with open(config_path) as f:
-    cfg = _config_from_dict(json.load(f), config_path)
-  with open(os.path.join(directory, _EXPORT_VOCAB)) as f:
-    vocab_spec = json.load(f)
+  cfg = _config_from_dict(json.loads(config_path.read_text()), str(config_path))
+  vocab_spec = json.loads((directory / _EXPORT_VOCAB).read_text())
   target = _param_shapes(cfg)
   if shardings is not None:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           target, shardings)
-  params_path = os.path.join(directory, _EXPORT_PARAMS)
+  params_path = directory / _EXPORT_PARAMS
   with ocp.StandardCheckpointer() as checkpointer:
     stored = _shapes(checkpointer.metadata(params_path).item_metadata)
     _check_shapes(stored, _shapes(target), f"export {directory}",

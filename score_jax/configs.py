@@ -66,6 +66,23 @@ def gemma3_4b() -> ModelConfig:
                  head_dim=256, mlp_dim=10_240, sliding_window=1024, rope_scale=8.0)
 
 
+def gemma3_12b() -> ModelConfig:
+  # [gdm] gemma3_12b: 48 layers, embed 3840, hidden 3840 * 8 / 2, 16 heads / 8 kv heads of 256,
+  # window 1024, global rope scale factor 8; [hf] google/gemma-3-12b-pt agrees.
+  return _gemma3(vocab_size=262_144, num_layers=48, embed_dim=3840, num_heads=16,
+                 num_kv_heads=8, head_dim=256, mlp_dim=15_360, sliding_window=1024,
+                 rope_scale=8.0)
+
+
+def gemma3_27b() -> ModelConfig:
+  # [gdm] gemma3_27b: 62 layers, embed 5376, hidden 5376 * 8 / 2, 32 heads / 16 kv heads of
+  # 128, window 1024, global rope scale factor 8, query scaled by (embed / heads) ** -0.5
+  # ([hf] google/gemma-3-27b-pt: query_pre_attn_scalar 168).
+  return _gemma3(vocab_size=262_144, num_layers=62, embed_dim=5376, num_heads=32,
+                 num_kv_heads=16, head_dim=128, mlp_dim=21_504, sliding_window=1024,
+                 rope_scale=8.0, query_pre_attn_scalar=168.0)
+
+
 def gemma2_2b() -> ModelConfig:
   # [gdm] gemma2_2b: 26 layers alternating local (first) / global, embed 2304, hidden 9216,
   # 8 heads / 4 kv heads of 256, window 4096, attention softcap 50, final softcap 30, post
@@ -104,6 +121,8 @@ _CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "gemma3_270m": gemma3_270m,
     "gemma3_1b": gemma3_1b,
     "gemma3_4b": gemma3_4b,
+    "gemma3_12b": gemma3_12b,
+    "gemma3_27b": gemma3_27b,
     "gemma2_2b": gemma2_2b,
     "gemma_2b": gemma_2b,
     "gemma_7b": gemma_7b,

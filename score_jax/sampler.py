@@ -135,7 +135,7 @@ def _attempt_views(state: SamplingState, num_attempts: int, max_new_tokens: int,
 def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Array,
            rng: Array, *, model_cfg: model_lib.ModelConfig, method: sampling.Method,
            num_attempts: int, max_new_tokens: int, eot_id: int, pad_id: int,
-           cache_dtype: Any = None) -> SampleOutput:
+           cache_dtype: Any = None, unroll_decode: Optional[bool] = None) -> SampleOutput:
   """Generates `num_attempts` attempts per prompt. Pure; jit with the keyword args static.
 
   Args:
@@ -148,6 +148,10 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
     rng: PRNG key (unused by greedy decoding).
     method: how tokens are chosen (`sampling.Greedy()` or `sampling.Sampling(...)`).
     cache_dtype: dtype of the KV cache; None: the model's compute dtype.
+    unroll_decode: decode with the layers unrolled on weight slices taken once per call
+      (faster on CPUs, whose XLA copies a scanned layer's weights out of the stack at every
+      step) rather than scanned over the stack (one layer's code, less memory: what
+      accelerators want). None: unrolled on a CPU backend only.
   """
   batch, prompt_len = prompts.shape
   n_instr = instruction.shape[0]
@@ -175,11 +179,11 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       # than the logits themselves for a 262k vocabulary on a CPU. Reproducible per backend.
       rng=jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"))
 
-  # The decode loop runs the layers unrolled on slices taken once here (see model.apply).
-  decode = functools.partial(_decode_attempt, params=params,
-                             layers=model_lib.unstack_layers(model_cfg, params),
-                             model_cfg=model_cfg,
-                             method=method, max_new_tokens=max_new_tokens, eot_id=eot_id,
+  if unroll_decode is None:
+    unroll_decode = jax.default_backend() == "cpu"
+  layers = model_lib.unstack_layers(model_cfg, params) if unroll_decode else None
+  decode = functools.partial(_decode_attempt, params=params, layers=layers,
+                             model_cfg=model_cfg, method=method, max_new_tokens=max_new_tokens, eot_id=eot_id,
                              pad_id=pad_id)
   for k in range(1, num_attempts + 1):
     # Slots filled by the end of attempt k, at most (static): the attention span.
@@ -215,7 +219,8 @@ class Sampler:
   def __init__(self, model_cfg: model_lib.ModelConfig, *, num_attempts: int,
                max_new_tokens: int, max_prompt_len: int, instruction: Sequence[int],
                eot_id: int, pad_id: int, mesh: Optional[Mesh] = None,
-               cache_dtype: Any = None, max_batch: Optional[int] = None):
+               cache_dtype: Any = None, max_batch: Optional[int] = None,
+               unroll_decode: Optional[bool] = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
     if max_batch is not None and max_batch < 1:
@@ -231,7 +236,7 @@ class Sampler:
                                    len(self.instruction))
     fn = functools.partial(
         sample, model_cfg=model_cfg, num_attempts=num_attempts, max_new_tokens=max_new_tokens,
-        eot_id=eot_id, pad_id=pad_id, cache_dtype=cache_dtype)
+        eot_id=eot_id, pad_id=pad_id, cache_dtype=cache_dtype, unroll_decode=unroll_decode)
     self._mesh = mesh
     if mesh is None:
       self._sample = jax.jit(fn, static_argnames="method")

@@ -14,7 +14,8 @@ from score_jax import experiment
 from score_jax import model
 
 # Published parameter counts. Exact: keras-team/keras-hub presets ("params" of gemma_2b_en,
-# gemma_7b_en, gemma2_2b_en, gemma3_1b, gemma3_4b_text). Rounded: the model cards of
+# gemma_7b_en, gemma2_2b_en, gemma3_1b, gemma3_4b_text, gemma3_12b_text, gemma3_27b_text).
+# Rounded: the model cards of
 # google/gemma-3-270m ("268M") and HuggingFaceTB/SmolLM2-135M ("135M").
 EXACT = {
     "gemma_2b": 2_506_172_416,
@@ -22,6 +23,8 @@ EXACT = {
     "gemma2_2b": 2_614_341_888,
     "gemma3_1b": 999_885_952,
     "gemma3_4b": 3_880_099_328,
+    "gemma3_12b": 11_765_788_416,
+    "gemma3_27b": 27_009_002_240,
 }
 ROUNDED = {"gemma3_270m": 268e6, "smollm2_135m": 135e6}
 ROUNDED_TOLERANCE = 0.005  # The cards round to 3 significant digits.

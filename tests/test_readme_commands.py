@@ -4,7 +4,8 @@ The commands are read from README.md's code blocks (and the quickstart target's 
 Makefile), so the test follows the documentation. They run in order in one scratch directory
 (so relative work dirs such as 'workdirs/stage1' chain the stages as in the README), each with
 size overrides only: one step, 2 prompts x 1 sample, 8 new tokens, 2 evaluation problems.
-All commands share one compilation cache, so a program compiled for one is reused by the next.
+Like every test, they share the session's compilation cache (conftest.py), so a program
+compiled for one is reused by the next.
 """
 
 import json
@@ -64,7 +65,6 @@ def ran(tmp_path_factory):
     commands.append(quickstart)
   cwd = tmp_path_factory.mktemp("readme")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
   results = []
   for argv in commands:

@@ -47,10 +47,10 @@ def naive_greedy(cfg, params, prompt, num_attempts, eot_id):
   return seq, attempts
 
 
-def make_sampler(cfg, eot_id, num_attempts=2):
+def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=None):
   return sampler_lib.Sampler(cfg, num_attempts=num_attempts, max_new_tokens=MAX_NEW,
                              max_prompt_len=6, instruction=INSTRUCTION, eot_id=eot_id,
-                             pad_id=PAD)
+                             pad_id=PAD, unroll_decode=unroll_decode)
 
 
 def pick_eot(cfg, params):
@@ -63,11 +63,12 @@ def pick_eot(cfg, params):
   raise AssertionError("random model too degenerate for this test")
 
 
-@pytest.mark.parametrize("num_attempts", [2, 3])
-def test_greedy_matches_naive_reference(cfg_params, num_attempts):
+# Decoding with the layers unrolled (the CPU default) and scanned over their stack.
+@pytest.mark.parametrize("num_attempts, unroll_decode", [(2, True), (3, False)])
+def test_greedy_matches_naive_reference(cfg_params, num_attempts, unroll_decode):
   cfg, params = cfg_params
   eot = pick_eot(cfg, params)
-  out = make_sampler(cfg, eot, num_attempts)(params, PROMPTS, jax.random.PRNGKey(0),
+  out = make_sampler(cfg, eot, num_attempts, unroll_decode)(params, PROMPTS, jax.random.PRNGKey(0),
                                               sampling.Greedy())
   att_lengths = np.asarray(out.attempt_lengths)
   assert len(set(att_lengths[0].tolist())) >= 2, "attempt-1 lengths should be uneven"

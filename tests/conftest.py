@@ -1,0 +1,27 @@
+"""Session set-up shared by all tests: one JAX compilation cache for the whole run.
+
+Many tests compile the same small programs (the toy's sampler and train step, in this
+process and in the command-line runs of subprocesses). JAX's persistent compilation cache,
+in a directory made for this test session and inherited by every subprocess, compiles each
+program once per run. Nothing is shared between runs: a test never sees an executable that
+another run of the suite compiled.
+"""
+
+import os
+import shutil
+import tempfile
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+if _CACHE_ENV not in os.environ:  # Set before any test module imports jax.
+  _cache_dir = tempfile.mkdtemp(prefix="score_jax_test_xla_")
+  os.environ[_CACHE_ENV] = _cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+else:
+  _cache_dir = None
+
+
+def pytest_unconfigure(config):
+  del config
+  if _cache_dir is not None:
+    shutil.rmtree(_cache_dir, ignore_errors=True)
