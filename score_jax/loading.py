@@ -183,6 +183,19 @@ def _load_model(source: str, dtype: Any) -> tuple[ModelConfig, Params]:
   return _load_export(path, dtype)
 
 
+def vocab_origin(source: str) -> Optional[str]:
+  """Where `source`'s vocabulary is described: a GGUF file, a Hugging Face directory, or a
+  tokenizer.json / SentencePiece .model file (an export's vocabulary source is followed);
+  None for a character vocabulary."""
+  path = shipped_gguf(source) if source in _SHIPPED else source
+  if os.path.isfile(path) and path.endswith((".json", ".model")):
+    return path
+  if _kind(path) != "export":
+    return path
+  spec = export_vocab_spec(path)
+  return vocab_origin(spec["source"]) if spec.get("kind") == "source" else None
+
+
 def _vocab(source: str) -> vocab_lib.Vocabulary:
   """The vocabulary of `source`, or of a tokenizer.json / SentencePiece .model file."""
   path = shipped_gguf(source) if source in _SHIPPED else source
@@ -254,6 +267,12 @@ def _tensor_name(cfg: ModelConfig, keys: tuple[str, ...], style: int,
   else:
     name = _LAYER_TENSORS[rest][_HF]
   return f"model.layers.{layer}.{name}"
+
+
+def hf_tensor_name(cfg: ModelConfig, keys: tuple[str, ...], layer: Optional[int] = None) -> str:
+  """The Hugging Face name of our parameter `keys` (e.g. ("layers", "attn", "q")), of layer
+  `layer` for parameters under "layers"."""
+  return _tensor_name(cfg, keys, _HF, layer)
 
 
 def _abstract_params(cfg: ModelConfig) -> Params:
@@ -483,9 +502,9 @@ def _text_decoder_name(name: str) -> Optional[str]:
   return name
 
 
-def _hf_config(hf: dict[str, Any]) -> ModelConfig:
-  """Our config of a Hugging Face config.json (text decoders; of Gemma 3's multimodal
-  model_type "gemma3", its text_config)."""
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """Our config of a Hugging Face config.json (a dict; text decoders; of Gemma 3's multimodal
+  model_type "gemma3", its text_config). Raises ValueError for what model.py cannot run."""
   if hf.get("model_type") == "gemma3":
     hf = dict(_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}))
   kind = hf.get("model_type")
@@ -546,7 +565,7 @@ def _hf_config(hf: dict[str, Any]) -> ModelConfig:
 def _load_hf(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
   with open(os.path.join(directory, "config.json")) as f:
     hf = json.load(f)
-  cfg = _hf_config(hf)
+  cfg = config_from_hf(hf)
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
     raise ValueError(f"{directory} has no *.safetensors files")

@@ -230,19 +230,19 @@ def test_hf_config_of_published_models():
       rms_norm_eps=1e-5, rope_theta=100000, rope_scaling=None, tie_word_embeddings=True)
   for name, hf in [("gemma3_1b", gemma3_1b), ("gemma2_2b", gemma2_2b), ("gemma_7b", gemma_7b),
                    ("smollm2_135m", smollm2)]:
-    assert loading._hf_config(hf) == configs.get(name), name
+    assert loading.config_from_hf(hf) == configs.get(name), name
   # google/gemma-3-4b-it: the multimodal wrapper, whose text_config leaves defaults out.
   gemma3_4b = dict(model_type="gemma3", text_config=dict(
       hidden_size=2560, intermediate_size=10240, model_type="gemma3_text", num_hidden_layers=34,
       rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024))
-  assert loading._hf_config(gemma3_4b) == configs.get("gemma3_4b", vocab_size=262_208)
+  assert loading.config_from_hf(gemma3_4b) == configs.get("gemma3_4b", vocab_size=262_208)
   llama32_1b = dict(
       model_type="llama", vocab_size=128256, num_hidden_layers=16, hidden_size=2048,
       intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
       hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
       rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                     "original_max_position_embeddings": 8192, "rope_type": "llama3"})
-  assert loading._hf_config(llama32_1b).llama3_rope == (32.0, 1.0, 4.0, 8192)
+  assert loading.config_from_hf(llama32_1b).llama3_rope == (32.0, 1.0, 4.0, 8192)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -255,7 +255,7 @@ def test_hf_config_rejects_what_the_model_cannot_run(change, message):
   hf = dict(dict(model_type="llama", vocab_size=8, num_hidden_layers=1, hidden_size=8,
                  intermediate_size=8, num_attention_heads=2, rms_norm_eps=1e-5), **change)
   with pytest.raises(ValueError, match=message):
-    loading._hf_config(hf)
+    loading.config_from_hf(hf)
 
 
 def test_layer_pattern_from_layer_types():
