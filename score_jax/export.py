@@ -59,7 +59,7 @@ _DTYPES = {"float32": "F32", "bfloat16": "BF16"}  # numpy name -> safetensors na
 _INDEX = "model.safetensors.index.json"
 
 
-def log(message: str) -> None:
+def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
@@ -236,11 +236,10 @@ def write_weights(directory: str, tensors: list[Tensor], dtype: Any,
     names = ["model.safetensors"]
   else:
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  for i, (name, shard) in enumerate(zip(names, shards)):
+  for name, shard in zip(names, shards):
     _write_safetensors(os.path.join(directory, name), shard, dtype)
-    if len(shards) > 1:
-      gb = sum(math.prod(t.shape) for t in shard) * itemsize / 1e9
-      log(f"  wrote {name} ({len(shard)} tensors, {gb:.2f} GB)")
+    gb = sum(math.prod(t.shape) for t in shard) * itemsize / 1e9
+    _log(f"  wrote {name} ({len(shard)} tensors, {gb:.2f} GB)")
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(math.prod(t.shape) for t in tensors) * itemsize},
              "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
@@ -275,7 +274,7 @@ def write_model(directory: str, cfg: ModelConfig, params: Params, special_ids: d
   config = hf_config(cfg, special_ids, dtype, max_position_embeddings)
   write_weights(directory, hf_tensors(cfg, params, dtype), dtype, max_shard_bytes)
   _write_json(os.path.join(directory, "generation_config.json"),
-              dict(special_ids, _from_model_config=True))
+              special_ids)
   _write_json(os.path.join(directory, "config.json"), config)
 
 
@@ -384,7 +383,7 @@ def export(run_or_source: str, out: str, dtype: Any = jnp.bfloat16,
   `overwrite` replaces a non-empty `out`."""
   source = model_source(run_or_source)
   _check_out(out, source, overwrite)
-  log(f"Reading {source}")
+  _log(f"Reading {source}")
   cfg, params, vocab = loading.load(source, dtype)
   origin = loading.vocab_origin(source)
   if origin is None:
@@ -396,12 +395,12 @@ def export(run_or_source: str, out: str, dtype: Any = jnp.bfloat16,
   if os.path.isdir(out) and overwrite:
     shutil.rmtree(out)
   os.makedirs(out, exist_ok=True)
-  log(f"Writing {cfg.num_params() / 1e6:.1f}M parameters ({_model_type(cfg)}, "
+  _log(f"Writing {cfg.num_params() / 1e6:.1f}M parameters ({_model_type(cfg)}, "
       f"{np.dtype(dtype).name}) to {out}")
   write_tokenizer(out, vocab, chat_template(origin, chat_format, vocab.bos_id is not None),
                   max_length)
   write_model(out, cfg, params, special_ids, dtype, max_shard_bytes, max_length)
-  log(f"Exported {out}")
+  _log(f"Exported {out}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

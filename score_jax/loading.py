@@ -594,6 +594,13 @@ def _load_hf(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
 
 
 def _load_export(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
-  cfg, params, _ = checkpoints.load_export(directory)
-  params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(dtype)), params)
+  """Restored to host memory in `dtype`, then handed over to numpy array by array (the
+  model is never held twice)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  cfg, params, _ = checkpoints.load_export(directory, shardings=cpu, dtype=dtype)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  del params
+  for i, leaf in enumerate(leaves):
+    leaves[i] = np.array(leaf)
+  params = jax.tree_util.tree_unflatten(treedef, leaves)
   return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params

@@ -252,6 +252,12 @@ def test_command_exports_a_trainer_work_dir(tmp_path, capsys):
   ids = np.array([tok("Natalia sold 48 clips.").input_ids], np.int32)
   np.testing.assert_allclose(hf_logits(str(out), ids), ours_logits(cfg, params, ids),
                              atol=1e-3, rtol=0)
+  # And back: the same model and vocabulary.
+  got_cfg, got, vocab = loading.load(str(out))
+  assert got_cfg == cfg
+  assert_same_params(got, params)
+  assert vocab.encode("Natalia sold 48 clips.") == ids[0].tolist()
+  assert (vocab.bos_id, vocab.eos_id, vocab.eot_id) == (None, 2, 2)
 
 
 def test_command_refuses_a_character_vocabulary(tmp_path, capsys):
