@@ -272,3 +272,15 @@ def test_command_refuses_a_character_vocabulary(tmp_path, capsys):
                                  chat.get_format("chatml", system="Be brief. ✓")])
 def test_chat_templates_of_chat_formats_render_the_formats(fmt):
   assert chat.format_from_template(chat.jinja_template(fmt, bos=True)) == fmt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2_135m", "gemma3_270m"])
+def test_shipped_model_export_matches_transformers(name, tmp_path):
+  assert export.main(["--model", name, "--out", str(tmp_path), "--dtype", "float32"]) == 0
+  cfg, params, _ = loading.load(name)
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  text = " ".join(tokenizer_texts(40))
+  ids = np.array([tok(text).input_ids[:128]], np.int32)
+  diff = np.abs(hf_logits(str(tmp_path), ids) - ours_logits(cfg, params, ids)).max()
+  assert diff < 1e-3, diff
