@@ -396,7 +396,7 @@ def export(run_or_source: str, out: str, dtype: Any = jnp.bfloat16,
     shutil.rmtree(out)
   os.makedirs(out, exist_ok=True)
   _log(f"Writing {cfg.num_params() / 1e6:.1f}M parameters ({_model_type(cfg)}, "
-      f"{np.dtype(dtype).name}) to {out}")
+       f"{np.dtype(dtype).name}) to {out}")
   write_tokenizer(out, vocab, chat_template(origin, chat_format, vocab.bos_id is not None),
                   max_length)
   write_model(out, cfg, params, special_ids, dtype, max_shard_bytes, max_length)
