@@ -22,6 +22,7 @@ ChatML since every turn boundary is a special token.
 """
 
 import dataclasses
+import json
 import os
 from typing import Optional, Sequence, Union
 
@@ -124,6 +125,28 @@ def first_turn_ids(fmt: ChatFormat, vocab: vocab_lib.Vocabulary, user_text: str)
 def next_turn_ids(fmt: ChatFormat, vocab: vocab_lib.Vocabulary, user_text: str) -> list[int]:
   """Token ids of `next_turn`: after an answer's stop id, up to the next answer."""
   return vocab.encode(fmt.next_turn(user_text))
+
+
+def jinja_template(fmt: ChatFormat, bos: bool) -> str:
+  """A Hugging Face chat template (Jinja) that renders conversations as `fmt` does.
+
+  Rendered and tokenized, a conversation gives the ids chat.py builds: BOS (when `bos`),
+  `first_turn`, each answer with its stop token (EOS for the plain format), `next_turn`. A user
+  message opens the model's turn, as `user_turn` does, so the generation prompt adds nothing.
+  Only "user" and "assistant" messages are accepted; the system turn is the format's preamble.
+  """
+  literal = lambda text: json.dumps(text, ensure_ascii=False)  # A valid Jinja string literal.
+  before, after = fmt.user_turn.split(_TEXT)
+  user_text = "message['content'] | trim" if fmt.strip_user_text else "message['content']"
+  stop = "eos_token" if fmt.stop_token is None else literal(fmt.stop_token)
+  return (("{{ bos_token }}" if bos else "") + "{{ " + literal(fmt.preamble) + " }}"
+          "{% for message in messages %}"
+          "{% if message['role'] == 'user' %}"
+          "{{ " + literal(before) + " }}{{ " + user_text + " }}{{ " + literal(after) + " }}"
+          "{% elif message['role'] == 'assistant' %}"
+          "{{ message['content'] }}{{ " + stop + " }}{{ " + literal(fmt.after_answer) + " }}"
+          "{% else %}{{ raise_exception('only user and assistant messages are supported') }}"
+          "{% endif %}{% endfor %}")
 
 
 # Stand-ins for the texts of a conversation, to render a template and compare it with a format.

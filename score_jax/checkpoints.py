@@ -333,16 +333,19 @@ def export_params(directory: str, model_cfg: model_lib.ModelConfig, params: Any,
     _write_json(config_path, config)
 
 
-def load_export(directory: str, shardings: Any = None
+def load_export(directory: str, shardings: Any = None, dtype: Any = None
                 ) -> tuple[model_lib.ModelConfig, Any, dict]:
   """Reads an `export_params` directory: (model config, params, vocab spec).
 
   Args:
     directory: the export directory.
     shardings: optional tree of `jax.sharding.Sharding`s like the parameters (e.g.
-      `partitioning.model_param_shardings`); default: everything on the first local device.
+      `partitioning.model_param_shardings`), or one Sharding for all of them; default:
+      everything on the first local device.
+    dtype: the parameters' dtype (each array is cast as it is read); default: the config's
+      `param_dtype`.
   Returns:
-    The config, the parameters as jax arrays of the config's dtype, and the vocab spec.
+    The config, the parameters as jax arrays, and the vocab spec.
   """
   directory = resolve(directory)
   config_path = directory / _EXPORT_CONFIG
@@ -351,6 +354,10 @@ def load_export(directory: str, shardings: Any = None
   cfg = _config_from_dict(json.loads(config_path.read_text()), str(config_path))
   vocab_spec = json.loads((directory / _EXPORT_VOCAB).read_text())
   target = _param_shapes(cfg)
+  if dtype is not None:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), target)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, target)
   if shardings is not None:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           target, shardings)

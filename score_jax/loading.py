@@ -87,7 +87,8 @@ def load(source: str, dtype: Any = jnp.float32
     * a GGUF file (llama.cpp; architectures llama, qwen2, qwen3, gemma, gemma2, gemma3),
       quantized tensors are dequantized; the config comes from the GGUF metadata;
     * a Hugging Face directory: config.json, *.safetensors and tokenizer.json or
-      tokenizer.model (model types llama, qwen2, qwen3, gemma, gemma2, gemma3_text);
+      tokenizer.model (model types llama (Llama 3.x rope scaling included), qwen2, qwen3,
+      gemma, gemma2, gemma3_text, and gemma3, of which the text decoder is read);
     * a parameter export (`save_params`, `checkpoints.export_params`): model_config.json,
       an orbax `params/` and vocab.json (the vocabulary's source, or a character alphabet).
   The returned config has `dtype` as its compute and parameter dtype.
@@ -182,6 +183,19 @@ def _load_model(source: str, dtype: Any) -> tuple[ModelConfig, Params]:
   return _load_export(path, dtype)
 
 
+def vocab_origin(source: str) -> Optional[str]:
+  """Where `source`'s vocabulary is described: a GGUF file, a Hugging Face directory, or a
+  tokenizer.json / SentencePiece .model file (an export's vocabulary source is followed);
+  None for a character vocabulary."""
+  path = shipped_gguf(source) if source in _SHIPPED else source
+  if os.path.isfile(path) and path.endswith((".json", ".model")):
+    return path
+  if _kind(path) != "export":
+    return path
+  spec = export_vocab_spec(path)
+  return vocab_origin(spec["source"]) if spec.get("kind") == "source" else None
+
+
 def _vocab(source: str) -> vocab_lib.Vocabulary:
   """The vocabulary of `source`, or of a tokenizer.json / SentencePiece .model file."""
   path = shipped_gguf(source) if source in _SHIPPED else source
@@ -253,6 +267,12 @@ def _tensor_name(cfg: ModelConfig, keys: tuple[str, ...], style: int,
   else:
     name = _LAYER_TENSORS[rest][_HF]
   return f"model.layers.{layer}.{name}"
+
+
+def hf_tensor_name(cfg: ModelConfig, keys: tuple[str, ...], layer: Optional[int] = None) -> str:
+  """The Hugging Face name of our parameter `keys` (e.g. ("layers", "attn", "q")), of layer
+  `layer` for parameters under "layers"."""
+  return _tensor_name(cfg, keys, _HF, layer)
 
 
 def _abstract_params(cfg: ModelConfig) -> Params:
@@ -430,27 +450,63 @@ def _load_gguf(path: str, dtype: Any) -> tuple[ModelConfig, Params]:
 # Hugging Face directories.
 
 
-def _hf_rope(hf: dict[str, Any], layer_type: str) -> tuple[float, float]:
-  """(rope base, linear scale) of one layer type, from a transformers 4 or 5 config."""
+def _hf_rope(hf: dict[str, Any], layer_type: str) -> dict[str, Any]:
+  """Our rope fields (rope_base, rope_scale, llama3_rope) of one layer type, from a
+  transformers 4 or 5 config."""
   params = hf.get("rope_parameters")
   if params is None:  # transformers 4: rope_theta, rope_scaling, rope_local_base_freq.
     if layer_type == "sliding_attention" and "rope_local_base_freq" in hf:
-      return float(hf["rope_local_base_freq"]), 1.0
+      return dict(rope_base=float(hf["rope_local_base_freq"]))
     params = {"rope_theta": hf.get("rope_theta", 10_000.0)}
     if layer_type == "full_attention":  # Scaling applies to global layers only.
       params.update(hf.get("rope_scaling") or {})
   elif layer_type in params:  # transformers 5, per layer type.
     params = params[layer_type]
   kind = params.get("rope_type", params.get("type", "default"))
+  base = float(params["rope_theta"])
   if kind == "default":
-    return float(params["rope_theta"]), 1.0
+    return dict(rope_base=base)
   if kind == "linear":
-    return float(params["rope_theta"]), float(params["factor"])
+    return dict(rope_base=base, rope_scale=float(params["factor"]))
+  if kind == "llama3":
+    return dict(rope_base=base, llama3_rope=(
+        float(params["factor"]), float(params["low_freq_factor"]),
+        float(params["high_freq_factor"]), int(params["original_max_position_embeddings"])))
   raise ValueError(f"rope type {kind!r} is not supported")
 
 
-def _hf_config(hf: dict[str, Any]) -> ModelConfig:
-  """Our config of a Hugging Face config.json (text decoders only)."""
+# transformers' Gemma3TextConfig defaults, which the text_config of Gemma 3's multimodal
+# checkpoints leaves out (google/gemma-3-4b-it writes only the fields that differ).
+_GEMMA3_TEXT_DEFAULTS = dict(
+    model_type="gemma3_text", vocab_size=262_208, num_attention_heads=8, num_key_value_heads=4,
+    head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+    sliding_window=4096, sliding_window_pattern=6, tie_word_embeddings=True)
+
+# Gemma 3's multimodal checkpoints: text decoder tensor prefixes (old and new transformers
+# layouts) -> the text-only names, and the prefixes of the image towers, which are not read.
+_WRAPPED_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                          ("language_model.lm_head.", "lm_head."))
+_IMAGE_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
+
+
+def _text_decoder_name(name: str) -> Optional[str]:
+  """The text-only name of a tensor of Gemma 3's multimodal checkpoints; None for the image
+  towers."""
+  if name.startswith(_IMAGE_PREFIXES):
+    return None
+  for prefix, text_prefix in _WRAPPED_TEXT_PREFIXES:
+    if name.startswith(prefix):
+      return text_prefix + name[len(prefix):]
+  return name
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+  """Our config of a Hugging Face config.json (a dict; text decoders; of Gemma 3's multimodal
+  model_type "gemma3", its text_config). Raises ValueError for what model.py cannot run."""
+  if hf.get("model_type") == "gemma3":
+    hf = dict(_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}))
   kind = hf.get("model_type")
   if kind not in ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
     raise ValueError(f"Hugging Face model_type {kind!r} is not supported")
@@ -486,7 +542,7 @@ def _hf_config(hf: dict[str, Any]) -> ModelConfig:
   if act not in ("silu", "gelu_pytorch_tanh"):
     raise ValueError(f"activation {act!r} is not supported for {kind}")
 
-  kw["rope_base"], kw["rope_scale"] = _hf_rope(hf, "full_attention")
+  kw.update(_hf_rope(hf, "full_attention"))
   if kind in ("gemma2", "gemma3_text"):
     layer_types = hf.get("layer_types")
     if layer_types is None:  # transformers 4 configs.
@@ -499,29 +555,34 @@ def _hf_config(hf: dict[str, Any]) -> ModelConfig:
               final_logit_softcap=hf.get("final_logit_softcapping"))
     _drop_default_scalar(kw)
   if kind == "gemma3_text":
-    local_base, local_scale = _hf_rope(hf, "sliding_attention")
-    if local_scale != 1.0:
+    local = _hf_rope(hf, "sliding_attention")
+    if set(local) != {"rope_base"}:
       raise ValueError("rope scaling on local layers is not supported")
-    kw["rope_local_base"] = local_base
+    kw["rope_local_base"] = local["rope_base"]
   return ModelConfig(**kw)
 
 
 def _load_hf(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
   with open(os.path.join(directory, "config.json")) as f:
-    cfg = _hf_config(json.load(f))
+    hf = json.load(f)
+  cfg = config_from_hf(hf)
   files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
   if not files:
     raise ValueError(f"{directory} has no *.safetensors files")
+  rename = _text_decoder_name if hf.get("model_type") == "gemma3" else lambda name: name
   # safetensors' numpy reader has no bfloat16: read through jax, on the host CPU.
   cpu = jax.local_devices(backend="cpu")[0]
-  where = {}
+  where = {}  # Our (text-only Hugging Face) name -> (file, stored name).
   for file in files:
     with safetensors.safe_open(file, framework="flax") as f:
-      where.update((name, file) for name in f.keys())
+      for stored in f.keys():
+        if (name := rename(stored)) is not None:
+          where[name] = (file, stored)
 
   def read(name: str) -> np.ndarray:
-    with jax.default_device(cpu), safetensors.safe_open(where[name], framework="flax") as f:
-      return np.asarray(f.get_tensor(name))
+    file, stored = where[name]
+    with jax.default_device(cpu), safetensors.safe_open(file, framework="flax") as f:
+      return np.asarray(f.get_tensor(stored))
 
   names = {n for n in where if not n.endswith("rotary_emb.inv_freq")}
   params = _assemble(cfg, read, names, _HF, dtype)
@@ -533,6 +594,13 @@ def _load_hf(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
 
 
 def _load_export(directory: str, dtype: Any) -> tuple[ModelConfig, Params]:
-  cfg, params, _ = checkpoints.load_export(directory)
-  params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.dtype(dtype)), params)
+  """Restored to host memory in `dtype`, then handed over to numpy array by array (the
+  model is never held twice)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+  cfg, params, _ = checkpoints.load_export(directory, shardings=cpu, dtype=dtype)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  del params
+  for i, leaf in enumerate(leaves):
+    leaves[i] = np.array(leaf)
+  params = jax.tree_util.tree_unflatten(treedef, leaves)
   return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype), params

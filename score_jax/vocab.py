@@ -252,6 +252,11 @@ class SentencePieceVocab(Vocabulary):
                add_bos=metadata.get("tokenizer.ggml.add_bos_token", True))
 
   @property
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece `ModelProto` (what a `tokenizer.model` file holds)."""
+    return self._sp.serialized_model_proto()
+
+  @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
 
@@ -457,6 +462,11 @@ class BPEVocab(Vocabulary):
                pad_token=special.get("padding"))
 
   @property
+  def tokenizer(self) -> Any:
+    """The `tokenizers.Tokenizer` (not to be modified)."""
+    return self._tokenizer
+
+  @property
   def vocab_size(self) -> int:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -529,3 +539,68 @@ def from_tokenizer_json(path: Union[str, os.PathLike], *, eos_token: Optional[st
     bos_token = bos_token if add_bos else None
   return BPEVocab(tokenizer, eos_token=eos_token, bos_token=bos_token,
                   pad_token=pad_token or configured("pad_token"))
+
+
+def to_tokenizers(vocab: Vocabulary) -> Any:
+  """`vocab` as a new `tokenizers.Tokenizer` (a tokenizer.json), which encodes as `vocab`
+  does and puts BOS first when `vocab.bos_id` is not None.
+
+  A byte-level BPE vocabulary is copied. A SentencePiece BPE model (Gemma) becomes a
+  `tokenizers` BPE model with byte fallback on text whose spaces are U+2581: its vocabulary is
+  the pieces; its merges are every split of a normal piece into two pieces, ranked by the
+  score of the piece they make (SentencePiece merges the adjacent pair that makes the
+  highest-scoring piece); control pieces are special tokens and user-defined pieces plain
+  added tokens (SentencePiece never merges either).
+  """
+  tokenizers = _import_tokenizers()
+  if isinstance(vocab, BPEVocab):
+    tokenizer = tokenizers.Tokenizer.from_str(vocab.tokenizer.to_str())
+  elif isinstance(vocab, SentencePieceVocab):
+    tokenizer = _sentencepiece_to_tokenizers(vocab.model_proto)
+  else:
+    raise ValueError(f"a {type(vocab).__name__} has no Hugging Face tokenizer")
+  if vocab.bos_id is None:
+    tokenizer.post_processor = tokenizers.processors.Sequence([])
+  else:
+    bos = tokenizer.id_to_token(vocab.bos_id)
+    tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab.bos_id)])
+  return tokenizer
+
+
+def _sentencepiece_to_tokenizers(model_proto: bytes) -> Any:
+  """A SentencePiece BPE model without dummy prefix as a `tokenizers.Tokenizer` (see
+  `to_tokenizers`)."""
+  tokenizers = _import_tokenizers()
+  proto = sp_model.ModelProto.FromString(model_proto)
+  if proto.trainer_spec.model_type != sp_model.TrainerSpec.BPE:
+    raise ValueError("only SentencePiece BPE models convert to a Hugging Face tokenizer")
+  if proto.normalizer_spec.add_dummy_prefix or proto.normalizer_spec.name != "identity":
+    raise ValueError("only SentencePiece models with the identity normalizer and no dummy "
+                     "prefix (Gemma's) convert to a Hugging Face tokenizer")
+  pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+  vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+  merges = []  # (-score of the merged piece, left id, right id, left, right)
+  for piece, score, piece_type in pieces:
+    if piece_type != _NORMAL:
+      continue
+    for cut in range(1, len(piece)):
+      left, right = piece[:cut], piece[cut:]
+      if left in vocab and right in vocab:
+        merges.append((-score, vocab[left], vocab[right], left, right))
+  merges.sort()
+  unk = proto.pieces[proto.trainer_spec.unk_id].piece
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab, [(left, right) for *_, left, right in merges], unk_token=unk, fuse_unk=True,
+      byte_fallback=proto.trainer_spec.byte_fallback))
+  tokenizer.normalizer = tokenizers.normalizers.Replace(" ", "\u2581")
+  tokenizer.decoder = tokenizers.decoders.Sequence([
+      tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+      tokenizers.decoders.Fuse()])
+  tokenizer.add_special_tokens([
+      tokenizers.AddedToken(piece, special=True, normalized=False)
+      for piece, _, piece_type in pieces if piece_type in (_CONTROL, _UNKNOWN)])
+  tokenizer.add_tokens([
+      tokenizers.AddedToken(piece, special=False, normalized=True)
+      for piece, _, piece_type in pieces if piece_type == _USER_DEFINED])
+  return tokenizer

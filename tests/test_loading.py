@@ -70,6 +70,10 @@ V, D, H, K, HD, F = 96, 64, 4, 2, 16, 96  # Multiples of 32, so Q8_0 can store t
 TINY = {
     "llama": dict(rope_parameters={"rope_type": "default", "rope_theta": 50_000.0},
                   rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Llama 3.x rope scaling: wavelengths of 6 to 20,000 positions straddle the 4..16 band.
+    "llama3": dict(model_type="llama", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(tie_word_embeddings=False),
     "gemma": dict(),
@@ -90,7 +94,7 @@ def tiny_hf_model(kind: str, **overrides):
   kw.update(TINY[kind], **overrides)
   torch.manual_seed(0)
   hf_model = transformers.AutoModelForCausalLM.from_config(
-      transformers.AutoConfig.for_model(kind, **kw), dtype=torch.float32,
+      transformers.AutoConfig.for_model(kw.pop("model_type", kind), **kw), dtype=torch.float32,
       attn_implementation="eager")
   with torch.no_grad():
     for p in hf_model.parameters():
@@ -110,6 +114,24 @@ def test_hf_directory_matches_transformers(kind, token_ids, tmp_path):
   hf_model.save_pretrained(tmp_path)
   cfg, params = loading._load_model(str(tmp_path), jnp.float32)
   assert cfg.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(params))
+  np.testing.assert_allclose(ours_logits(cfg, params, token_ids),
+                             hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
+
+
+def test_gemma3_multimodal_directory_reads_the_text_decoder(token_ids, tmp_path):
+  text = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_attention_heads=H,
+              num_key_value_heads=K, head_dim=HD, **TINY["gemma3_text"])
+  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, image_size=28, patch_size=14)
+  torch.manual_seed(0)
+  hf_model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=text, vision_config=vision, mm_tokens_per_image=4))
+  with torch.no_grad():
+    for p in hf_model.parameters():
+      p.normal_(0.0, 0.3)
+  hf_model.eval().save_pretrained(tmp_path)
+  cfg, params = loading._load_model(str(tmp_path), jnp.float32)
+  assert cfg.num_layers == 6 and cfg.global_every == 3
   np.testing.assert_allclose(ours_logits(cfg, params, token_ids),
                              hf_logits(hf_model, token_ids), atol=1e-4, rtol=0)
 
@@ -208,7 +230,19 @@ def test_hf_config_of_published_models():
       rms_norm_eps=1e-5, rope_theta=100000, rope_scaling=None, tie_word_embeddings=True)
   for name, hf in [("gemma3_1b", gemma3_1b), ("gemma2_2b", gemma2_2b), ("gemma_7b", gemma_7b),
                    ("smollm2_135m", smollm2)]:
-    assert loading._hf_config(hf) == configs.get(name), name
+    assert loading.config_from_hf(hf) == configs.get(name), name
+  # google/gemma-3-4b-it: the multimodal wrapper, whose text_config leaves defaults out.
+  gemma3_4b = dict(model_type="gemma3", text_config=dict(
+      hidden_size=2560, intermediate_size=10240, model_type="gemma3_text", num_hidden_layers=34,
+      rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024))
+  assert loading.config_from_hf(gemma3_4b) == configs.get("gemma3_4b", vocab_size=262_208)
+  llama32_1b = dict(
+      model_type="llama", vocab_size=128256, num_hidden_layers=16, hidden_size=2048,
+      intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+      hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+      rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+  assert loading.config_from_hf(llama32_1b).llama3_rope == (32.0, 1.0, 4.0, 8192)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -221,7 +255,7 @@ def test_hf_config_rejects_what_the_model_cannot_run(change, message):
   hf = dict(dict(model_type="llama", vocab_size=8, num_hidden_layers=1, hidden_size=8,
                  intermediate_size=8, num_attention_heads=2, rms_norm_eps=1e-5), **change)
   with pytest.raises(ValueError, match=message):
-    loading._hf_config(hf)
+    loading.config_from_hf(hf)
 
 
 def test_layer_pattern_from_layer_types():
