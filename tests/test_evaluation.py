@@ -95,3 +95,11 @@ def test_write_results_draws_the_edit_ratio_histogram(tmp_path):
   assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 40
   # Its content is checked in test_report.py.
   assert (tmp_path / evaluation.HISTOGRAM).read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("n, hosts", [(16, 2), (10, 3), (3, 4), (1, 1), (7, 1)])
+def test_host_shares_cover_every_problem_once_with_equal_calls(n, hosts):
+  examples = list(range(n))
+  shares = [evaluation.host_share(examples, p, hosts) for p in range(hosts)]
+  assert len({len(block) for block, _ in shares}) == 1  # Same sampler calls on every host.
+  assert [x for block, real in shares for x in block[:real]] == examples

@@ -162,11 +162,27 @@ def run_two_processes(*args):
   return outs
 
 
-def test_multi_process_sft_then_stage1(tmp_path):
-  common = ["--gin_file=tasks/toy.gin", *TINY]
+FSDP = ["--gin.partitioning.mesh_shape.data=1", "--gin.partitioning.mesh_shape.fsdp=-1"]
+
+
+def test_two_processes_train_and_evaluate_as_one(tmp_path):
+  """SFT, Stage I on an FSDP mesh and a sharded evaluation in 2 JAX processes (one device
+  each): the Stage I losses and the evaluation results are those of 1 process."""
+  common = ["--gin_file=tasks/toy.gin", *TINY, *FSDP]
   run_two_processes("--gin_file=sft.gin", f"--gin.WORKDIR='{tmp_path / 'base'}'", *common)
-  run_two_processes("--gin_file=stage1.gin", f"--gin.WORKDIR='{tmp_path / 'stage1'}'",
-                    f"--gin.BASE_WORKDIR='{tmp_path / 'base'}'", *common)
-  for stage, steps in (("base", 4), ("stage1", 2)):
-    assert read_jsonl(tmp_path / stage / "metrics.jsonl")[-1]["step"] == steps
-    assert (tmp_path / stage / "export" / "model_config.json").exists()
+  stage1 = [f"--gin.BASE_WORKDIR='{tmp_path / 'base'}'", *common]
+  run_two_processes("--gin_file=stage1.gin", f"--gin.WORKDIR='{tmp_path / 'two'}'", *stage1)
+  run_main("--gin_file=stage1.gin", f"--gin.WORKDIR='{tmp_path / 'one'}'", *stage1)
+  two, one = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("two", "one"))
+  assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]
+  for a, b in zip(two, one):
+    assert abs(a["loss"] - b["loss"]) < 1e-5, (a["loss"], b["loss"])
+  evaluate = ["--gin_file=eval.gin", f"--gin.MODEL_WORKDIR='{tmp_path / 'two'}'", *common]
+  run_two_processes(*evaluate, f"--gin.WORKDIR='{tmp_path / 'eval_two'}'")
+  run_main(*evaluate, f"--gin.WORKDIR='{tmp_path / 'eval_one'}'")
+  results = [json.loads((tmp_path / d / "results.json").read_text())
+             for d in ("eval_two", "eval_one")]
+  assert results[0]["n"] == 16
+  assert results[0] == results[1]  # The same samples: the same numbers.
+  samples = [(tmp_path / d / "samples.jsonl").read_text() for d in ("eval_two", "eval_one")]
+  assert samples[0] == samples[1]
