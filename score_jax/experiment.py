@@ -253,10 +253,11 @@ def make_mode(mode: str) -> Any:
 
 
 def run_mode(mode: str, workdir: str, task: tasks.Task, init_from: Optional[str],
-             reference_from: Optional[str]) -> Any:
-  """One mode, with gin scope `mode` (so `stage1/RunConfig.steps = ...` applies)."""
+             reference_from: Optional[str], **run_overrides: Any) -> Any:
+  """One mode, with gin scope `mode` (so `stage1/RunConfig.steps = ...` applies);
+  `run_overrides` replace fields of its RunConfig (e.g. steps, learning_rate, seed)."""
   with gin.config_scope(mode):
-    run_cfg = trainer.RunConfig()
+    run_cfg = dataclasses.replace(trainer.RunConfig(), **run_overrides)
     if mode in EVAL_MODES:
       eval_task, examples = eval_problems(task)  # Read before the model is loaded.
       policy = load_policy(eval_task, init_from, run_cfg.seed)

@@ -20,7 +20,8 @@
            traces; `online=True` samples with the latest policy, so every step is an iteration
            (STaR in place of REINFORCE in Stage II).
   PairSFT  for each prompt one pair from the base model's (the reference's) samples: a wrong
-           attempt, then a correct one (`make_pair`); SFT on the correction (attempt 2) only.
+           attempt, then a correct one (`make_pair`; attempts cut at max_new_tokens are not
+           used); SFT on the correction (attempt 2) only.
            With no correct sample, the task's reference solution (`task.reference_solution`,
            the toy has one) stands in when `use_reference_solution`.
 
@@ -259,11 +260,12 @@ class PairSFT(_SampledSFT):
     ro, rewards = self._sample(ctx, state.ref_params, examples, rng)
     n = ctx.cfg.samples_per_prompt
     pairs = []
-    for i, ex in enumerate(examples):  # All attempts of the problem's n samples.
-      rows = range(i * n, (i + 1) * n)
+    for i, ex in enumerate(examples):  # The finished attempts of the problem's n samples.
+      cells = [(b, k) for b in range(i * n, (i + 1) * n) for k in range(rewards.shape[1])
+               if not ro.truncated[b, k]]
       fallback = ctx.task.reference_solution(ex) if self.use_reference_solution else None
-      pairs.append(make_pair([a for b in rows for a in ro.texts[b]],
-                             [r for b in rows for r in rewards[b]], fallback))
+      pairs.append(make_pair([ro.texts[b][k] for b, k in cells],
+                             [rewards[b, k] for b, k in cells], fallback))
     batch = transcript_batch(ctx.conv, examples, pairs, ctx.sampler.total_len, trained=(2,))
     metrics = dict(_rollout_metrics(ro, rewards),
                    kept_fraction=float(np.mean([p is not None for p in pairs])))

@@ -95,3 +95,15 @@ def test_write_results_draws_the_edit_ratio_histogram(tmp_path):
   assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 40
   # Its content is checked in test_report.py.
   assert (tmp_path / evaluation.HISTOGRAM).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_per_turn_metrics_of_three_attempts():
+  # t1, t2, t3: i->c->c, c->i->c, c->c->i, i->i->c
+  rewards = np.array([[0, 1, 1], [1, 0, 1], [1, 1, 0], [0, 0, 1]], np.float32)
+  m = evaluation.self_correction_metrics(rewards)
+  assert [m["acc_t1"], m["acc_t2"], m["acc_t3"]] == pytest.approx([0.5, 0.5, 0.75])
+  assert m["delta"] == 0 and m["delta_i2c"] == 0.25 and m["delta_c2i"] == 0.25
+  assert m["delta_t2_t3"] == pytest.approx(0.25)
+  assert m["delta_i2c_t2_t3"] == pytest.approx(0.5) and m["delta_c2i_t2_t3"] == 0.25
+  table = evaluation.turn_table(m)
+  assert "| 3 | 75.0 | 25.0 | 50.0 | 25.0 |" in table
