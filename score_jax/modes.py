@@ -107,6 +107,12 @@ def make_pair(attempts: Sequence[str], rewards: Sequence[float],
   return wrong[0], right[0]
 
 
+def final_reward(metrics: dict[str, Any]) -> float:
+  """The final attempt's mean reward in a step's metrics (reward_t1 ... reward_tK)."""
+  return float(metrics[max((k for k in metrics if k.startswith("reward_t")),
+                           key=lambda k: int(k[len("reward_t"):]))])
+
+
 def _rollout_metrics(ro: rollout_lib.Rollout, rewards: np.ndarray) -> dict[str, float]:
   """reward_t{k} and the edit ratio of attempts 1 and 2 of a rollout (host metrics)."""
   out = {f"reward_t{k + 1}": float(rewards[:, k].mean()) for k in range(rewards.shape[1])}
@@ -198,8 +204,7 @@ class RL:
     return batch, extra
 
   def training_reward(self, metrics):
-    finals = sorted(k for k in metrics if k.startswith("reward_t"))
-    return float(metrics[finals[-1]])
+    return final_reward(metrics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +245,7 @@ class STaR(_SampledSFT):
 
   def training_reward(self, metrics):
     # Online, the samples are the policy's own: select by their final reward, as RL does.
-    if self.online:
-      return RL.training_reward(self, metrics)
-    return -float(metrics["loss"])
+    return final_reward(metrics) if self.online else -float(metrics["loss"])
 
 
 @dataclasses.dataclass(frozen=True)
