@@ -7,6 +7,9 @@ For rewards r_t in {0, 1} of attempts t = 1, 2 on N problems:
   delta_c2i           fraction of problems right at t1 and wrong at t2
   delta_ci95          95% confidence interval of delta (paired normal approximation)
   edit_ratio_*        edit distance between the attempts' texts over their combined length
+With K > 2 attempts (eval_config.num_attempts), for each later turn k = 3..K:
+  acc_t{k}; delta_t{k-1}_t{k} = Acc@tk - Acc@t(k-1); delta_i2c_t{k-1}_t{k}, delta_c2i_t{k-1}_t{k}
+  (the flips between turns k-1 and k; for turns 1 and 2 these are delta, delta_i2c, delta_c2i).
 All fractions are in [0, 1]. Edit distances (Levenshtein: insertions, deletions, substitutions
 of characters) are computed in C by rapidfuzz. `write_results` also draws the histogram of the
 edit-distance ratios (the paper's picture of how much attempt 2 rewrites attempt 1).
@@ -54,7 +57,11 @@ def self_correction_metrics(rewards: np.ndarray,
          "delta_i2c": (~r[:, 0] & r[:, 1]).mean(), "delta_c2i": (r[:, 0] & ~r[:, 1]).mean(),
          "delta_ci95": [diff.mean() - half, diff.mean() + half]}
   for k in range(2, r.shape[1]):
+    turns = f"t{k}_t{k + 1}"
     out[f"acc_t{k + 1}"] = r[:, k].mean()
+    out[f"delta_{turns}"] = r[:, k].mean() - r[:, k - 1].mean()
+    out[f"delta_i2c_{turns}"] = (~r[:, k - 1] & r[:, k]).mean()
+    out[f"delta_c2i_{turns}"] = (r[:, k - 1] & ~r[:, k]).mean()
   if texts is not None:
     ratios = edit_ratios(texts)
     out.update(edit_ratio_mean=ratios.mean(), edit_ratio_median=float(np.median(ratios)),
@@ -76,6 +83,20 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]]) -> str:
   return "\n".join(lines)
 
 
+def turn_table(metrics: Mapping[str, float]) -> str:
+  """Per turn k: Acc@tk and the change from turn k-1 (Delta, i->c, c->i), in percent."""
+  lines = ["| turn | Acc | Delta(t(k-1),tk) | i->c | c->i |", "|---|---|---|---|---|",
+           f"| 1 | {100 * metrics['acc_t1']:.1f} | | | |"]
+  k = 2
+  while f"acc_t{k}" in metrics:
+    suffix = "" if k == 2 else f"_t{k - 1}_t{k}"
+    cells = [metrics[f"acc_t{k}"], metrics["delta" + suffix], metrics["delta_i2c" + suffix],
+             metrics["delta_c2i" + suffix]]
+    lines.append(f"| {k} | " + " | ".join(f"{100 * c:.1f}" for c in cells) + " |")
+    k += 1
+  return "\n".join(lines)
+
+
 def write_results(directory: str, metrics: Mapping[str, float], samples: Sequence[dict]) -> None:
   """results.json, results.md, samples.jsonl (every problem's attempts and rewards) and the
   edit-distance-ratio histogram of attempts 1 and 2 (HISTOGRAM)."""
@@ -84,6 +105,8 @@ def write_results(directory: str, metrics: Mapping[str, float], samples: Sequenc
     json.dump(dict(metrics), f, indent=2)
   with open(os.path.join(directory, "results.md"), "w") as f:
     f.write(markdown_table({"model": metrics}) + "\n")
+    if "acc_t3" in metrics:
+      f.write("\n" + turn_table(metrics) + "\n")
   with open(os.path.join(directory, "samples.jsonl"), "w") as f:
     for s in samples:
       f.write(json.dumps(s) + "\n")

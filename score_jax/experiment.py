@@ -4,15 +4,23 @@
   stage1     SCoRe Stage I from `experiment.init_from` (reference: `experiment.reference_from`)
   stage2     SCoRe Stage II from Stage I's export (reference: the base model); without a Stage I
              work dir only when `experiment.without_stage1` says so (the paper's ablation)
-  multi_turn, single_turn   the paper's ablations / baselines
-  eval       greedy multi-attempt evaluation of `experiment.init_from`
+  multi_turn, single_turn   the paper's ablations / baselines (RL objectives of objectives.py)
+  star       STaR: SFT on the start model's two-attempt samples whose final attempt is right
+  pair_sft   Pair-SFT: SFT on (wrong attempt, correct attempt) pairs of the base model
+  stage2_star  Stage II with STaR (filter + SFT on the policy's own samples) for REINFORCE
+  eval       greedy multi-attempt evaluation of `experiment.init_from` (eval_config)
+  self_refine  the prompting baseline: eval of the base model asked to correct itself
+  inference_scaling  majority vote of K samples vs of K/2 samples corrected once (scaling.py)
   pipeline   [sft ->] stage1 -> stage2 -> eval(base, stage1, stage2) and the Table 2 shaped
              summary, each under its own sub-directory of the work dir; then report.md with
              the table, training curves and edit-ratio histograms (report.py). The sft base
              is trained for the toy model only: a pretrained model is its own base.
+  ablations  every row of the paper's Tables 2 and 4 over several seeds (ablations.py)
 
-Each mode reads its gin bindings in a scope named after it, so one config can hold
-`sft/RunConfig.steps = 600` and `stage2/RunConfig.steps = 200` side by side.
+Training modes are the objects of modes.py (`make_mode`; options: `mode_options`); the
+trainer runs them all with one loop. Each mode reads its gin bindings in a scope named after
+it, so one config can hold `sft/RunConfig.steps = 600` and `stage2/RunConfig.steps = 200`
+side by side.
 
 Bad input fails before anything is trained: `missing_settings` lists what the config lacks,
 the task's data is read and every prompt is measured against `RunConfig.max_prompt_len` before
@@ -26,20 +34,28 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import gin
 import jax
+import numpy as np
 
 from score_jax import evaluation
 from score_jax import model as model_lib
+from score_jax import modes
 from score_jax import objectives
 from score_jax import partitioning
 from score_jax import report
 from score_jax import rollout as rollout_lib
+from score_jax import sampling
+from score_jax import scaling
 from score_jax import tasks
 from score_jax import toy
 from score_jax import trainer
 from score_jax import vocab as vocab_lib
 
 UserError = trainer.UserError
-MODES = ("sft", *objectives.KINDS, "eval", "pipeline")
+TRAINING_MODES = ("sft", *objectives.KINDS, "star", "pair_sft", "stage2_star")
+EVAL_MODES = ("eval", "self_refine", "inference_scaling")
+MODES = (*TRAINING_MODES, *EVAL_MODES, "pipeline", "ablations")
+# Modes that start from a Stage I export (or the base, with `experiment.without_stage1`).
+AFTER_STAGE1 = ("stage2", "stage2_star")
 
 # A task as gin gives it: the task, or the factory that makes it (`@tasks.make_task`, no
 # parentheses), so that errors of reading its files are raised here and reported in one line.
@@ -141,11 +157,11 @@ def eval_problems(task: tasks.Task) -> tuple[tasks.Task, Sequence[tasks.Example]
   return task, task_examples(task, cfg["split"])[:cfg["num_problems"]]
 
 
-def run_eval(workdir: str, task: tasks.Task, examples: Sequence[tasks.Example],
-             policy: trainer.Policy) -> dict[str, float]:
-  """Evaluates `policy` on `examples` of `task` (from `eval_problems`); writes the results."""
-  cfg = eval_config()
-  run_cfg = trainer.RunConfig()
+def evaluate_policy(task: tasks.Task, examples: Sequence[tasks.Example],
+                    policy: trainer.Policy, num_attempts: int,
+                    method: Optional[sampling.Method] = None) -> tuple[dict, list[dict]]:
+  """`evaluation.evaluate` of `policy` on `examples` of `task` (greedy unless `method`)."""
+  cfg, run_cfg = eval_config(), trainer.RunConfig()
   if policy.conv.task is not task:
     policy = dataclasses.replace(policy, conv=dataclasses.replace(policy.conv, task=task))
   trainer.check_prompt_lengths(policy.conv, examples, run_cfg.max_prompt_len)
@@ -155,32 +171,109 @@ def run_eval(workdir: str, task: tasks.Task, examples: Sequence[tasks.Example],
   params = jax.device_put(policy.params,
                           partitioning.model_param_shardings(policy.model_cfg, mesh, rules))
   with partitioning.with_mesh_and_rules(mesh, rules):
-    sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=cfg["num_attempts"],
+    sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=num_attempts,
                                        max_new_tokens=run_cfg.max_new_tokens,
                                        max_prompt_len=run_cfg.max_prompt_len, mesh=mesh)
     with trainer.make_pool(run_cfg.reward_workers) as pool:
-      metrics, samples = evaluation.evaluate(policy.conv, sampler, params, task, examples, pool,
-                                             batch_size=cfg["batch_size"])
+      return evaluation.evaluate(policy.conv, sampler, params, task, examples, pool,
+                                 batch_size=cfg["batch_size"],
+                                 rng=jax.random.PRNGKey(run_cfg.seed), method=method)
+
+
+def run_eval(workdir: str, task: tasks.Task, examples: Sequence[tasks.Example],
+             policy: trainer.Policy) -> dict[str, float]:
+  """Evaluates `policy` on `examples` of `task` (from `eval_problems`); writes the results."""
+  metrics, samples = evaluate_policy(task, examples, policy, eval_config()["num_attempts"])
   if jax.process_index() == 0:  # Every process holds all the results (see evaluate).
     evaluation.write_results(workdir, metrics, samples)
   print(evaluation.markdown_table({os.path.basename(workdir.rstrip("/")): metrics}))
+  if "acc_t3" in metrics:
+    print(evaluation.turn_table(metrics))
   return metrics
 
 
+@gin.configurable
+def scaling_config(budgets: Sequence[int] = (2, 4, 8, 16, 32),
+                   temperature: float = 0.7) -> dict[str, Any]:
+  """Settings of the inference_scaling mode (attempt budgets per problem, temperature)."""
+  try:
+    scaling.check_budgets(budgets)
+  except ValueError as e:
+    raise UserError(f"scaling_config: {e}") from None
+  return dict(budgets=list(budgets), temperature=temperature)
+
+
+def run_inference_scaling(workdir: str, task: tasks.Task, examples: Sequence[tasks.Example],
+                          policy: trainer.Policy) -> dict[str, Any]:
+  """The inference_scaling mode (scaling.py): max(budgets) two-attempt samples per problem at
+  `scaling_config.temperature`; results.json and table.md in `workdir`."""
+  cfg = scaling_config()
+  m = max(cfg["budgets"])
+  repeated = [e for e in examples for _ in range(m)]
+  metrics, samples = evaluate_policy(task, repeated, policy, 2,
+                                     sampling.Sampling(cfg["temperature"]))
+  answers = [[[task.final_answer(t) for t in s["attempts"]] for s in samples[i:i + m]]
+             for i in range(0, len(samples), m)]
+  rewards = np.array([s["rewards"] for s in samples], np.float32).reshape(len(examples), m, 2)
+  curves = scaling.scaling_curves(answers, rewards, cfg["budgets"])
+  if jax.process_index() == 0:
+    table = scaling.write(workdir, curves, {"n": len(examples), **cfg,
+                                            "one_sample": metrics})
+    print(table)
+  return curves
+
+
+@gin.configurable
+def mode_options(offline_fraction: float = 0.0, star_online: Optional[bool] = None,
+                 star_only_corrections: bool = False,
+                 pair_reference_solution: bool = True) -> dict[str, Any]:
+  """Options of the training modes (modes.py), per mode scope (e.g. `stage2/mode_options...`).
+
+  offline_fraction: RL modes: the fraction of each batch's prompts whose attempt 1 the base
+    model writes (offline prompts); the policy writes attempt 2.
+  star_online: STaR samples with the latest policy (True) or the frozen start model (False);
+    None: False for star (the paper's baseline), True for stage2_star.
+  star_only_corrections: STaR keeps only traces whose first attempt is wrong.
+  pair_reference_solution: Pair-SFT uses the task's reference solution when no sample of a
+    problem is correct (the toy has one).
+  """
+  return dict(offline_fraction=offline_fraction, star_online=star_online,
+              star_only_corrections=star_only_corrections,
+              pair_reference_solution=pair_reference_solution)
+
+
+def make_mode(mode: str) -> Any:
+  """The modes.py object of training mode `mode` (read in its gin scope)."""
+  opts = mode_options()
+  online = opts["star_online"]
+  factories = {
+      "sft": modes.SFT,
+      "star": lambda: modes.STaR("star", bool(online), opts["star_only_corrections"]),
+      "stage2_star": lambda: modes.STaR("stage2_star", online is not False,
+                                        opts["star_only_corrections"]),
+      "pair_sft": lambda: modes.PairSFT(use_reference_solution=opts["pair_reference_solution"]),
+  }
+  if mode in factories:
+    return factories[mode]()
+  return modes.RL(objectives.objective(kind=mode), opts["offline_fraction"])
+
+
 def run_mode(mode: str, workdir: str, task: tasks.Task, init_from: Optional[str],
-             reference_from: Optional[str]) -> trainer.Policy:
-  """One mode, with gin scope `mode` (so `stage1/RunConfig.steps = ...` applies)."""
+             reference_from: Optional[str], **run_overrides: Any) -> Any:
+  """One mode, with gin scope `mode` (so `stage1/RunConfig.steps = ...` applies);
+  `run_overrides` replace fields of its RunConfig (e.g. steps, learning_rate, seed)."""
   with gin.config_scope(mode):
-    run_cfg = trainer.RunConfig()
-    if mode == "eval":
+    run_cfg = dataclasses.replace(trainer.RunConfig(), **run_overrides)
+    if mode in EVAL_MODES:
       eval_task, examples = eval_problems(task)  # Read before the model is loaded.
       policy = load_policy(eval_task, init_from, run_cfg.seed)
-      run_eval(workdir, eval_task, examples, policy)
-      return policy
+      run = run_inference_scaling if mode == "inference_scaling" else run_eval
+      return run(workdir, eval_task, examples, policy)
     task_examples(task, "train")
+    train_mode = make_mode(mode)
     policy = load_policy(task, init_from, run_cfg.seed)
-    ref_params, objective = None, None
-    if mode != "sft":  # The KL reference: the base model.
+    ref_params = None
+    if mode != "sft":  # The KL reference / the model sampled from: the base model.
       if reference_from is None and policy_source()[0] == "toy":
         raise UserError("the toy model's base is an sft work dir: set "
                         "experiment.reference_from to it")
@@ -188,8 +281,7 @@ def run_mode(mode: str, workdir: str, task: tasks.Task, init_from: Optional[str]
         ref_params = policy.params
       else:
         ref_params = load_policy(task, reference_from).params
-      objective = objectives.objective(kind=mode)
-    return trainer.train(mode, workdir, task, policy, ref_params, run_cfg, objective,
+    return trainer.train(train_mode, workdir, task, policy, ref_params, run_cfg,
                          mesh=partitioning.make_mesh(partitioning.mesh_shape()),
                          rules=partitioning.axis_rules())
 
@@ -244,18 +336,19 @@ def missing_settings() -> list[str]:
   model = _bound_value("policy_source.model")
   init_from = _bound_value("experiment.init_from")
   reference_from = _bound_value("experiment.reference_from")
-  trains = mode in objectives.KINDS
-  if model is None and (mode == "pipeline" or init_from is None or
+  trains = mode in TRAINING_MODES and mode != "sft"
+  if model is None and (mode in ("pipeline", "ablations") or init_from is None or
                         (trains and reference_from is None)):
     missing.append("model")  # The base model's weights are needed.
   if _bound_value("experiment.workdir") is None:
     missing.append(_setting_name("experiment.workdir"))
-  if mode == "stage2" and init_from is None and not _bound_value("experiment.without_stage1"):
+  without_stage1 = _bound_value("experiment.without_stage1")
+  if mode in AFTER_STAGE1 and init_from is None and not without_stage1:
     missing.append(_setting_name("experiment.init_from"))
   if model == "toy":  # The toy's base model is an sft run.
     if trains and reference_from is None:
       missing.append(_setting_name("experiment.reference_from"))
-    if mode == "eval" and init_from is None:
+    if mode in EVAL_MODES and init_from is None:
       missing.append(_setting_name("experiment.init_from"))
   return missing
 
@@ -277,14 +370,15 @@ def experiment(mode: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
                reference_from: Optional[str] = None, without_stage1: bool = False) -> Any:
   """Runs `mode` (see the module docstring) in `workdir`.
 
-  without_stage1: stage2 starts from the base model (`reference_from`, or the model file's
-    weights) instead of a Stage I export: the paper's "without Stage I" ablation.
+  without_stage1: stage2 (and stage2_star) starts from the base model (`reference_from`, or
+    the model file's weights) instead of a Stage I export: the paper's "without Stage I"
+    ablation.
   """
   if mode not in MODES:
     raise UserError(f"unknown mode {mode!r} (experiment.mode); use one of {', '.join(MODES)}")
-  if mode == "stage2" and without_stage1:
+  if mode in AFTER_STAGE1 and without_stage1:
     if init_from is not None:
-      raise UserError(f"stage2 with both a Stage I work dir ({init_from!r}) and "
+      raise UserError(f"{mode} with both a Stage I work dir ({init_from!r}) and "
                       "experiment.without_stage1 = True: choose one")
     init_from = reference_from
   task = make_task(task, "experiment.task")
@@ -292,6 +386,9 @@ def experiment(mode: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.gin"), "w") as f:
       f.write(gin.config_str())
+  if mode == "ablations":
+    from score_jax import ablations  # pylint: disable=g-import-not-at-top
+    return ablations.run(workdir, task)
   if mode != "pipeline":
     return run_mode(mode, workdir, task, init_from, reference_from)
   return pipeline(workdir, task)

@@ -15,6 +15,7 @@ import dataclasses
 import time
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
 
 from score_jax import chat
@@ -77,6 +78,44 @@ def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
   repeated = [e for e in examples for _ in range(samples_per_prompt)]
   out = sampler(params, [conv.prompt_ids(e) for e in repeated], rng, method)
   return Rollout(repeated, out, conv.decode_attempts(out), conv.truncated(out))
+
+
+def concatenate(a: Rollout, b: Rollout) -> Rollout:
+  """The rows of `a`, then those of `b` (numpy outputs)."""
+  return Rollout(a.examples + b.examples, sampler_lib.concatenate([a.output, b.output]),
+                 a.texts + b.texts, np.concatenate([a.truncated, b.truncated]))
+
+
+def generate_after_first(conv: Conversation, first_sampler: sampler_lib.Sampler,
+                         second_sampler: sampler_lib.Sampler, first_params: Any, params: Any,
+                         examples: Sequence[tasks.Example], rng: Any, method: sampling.Method,
+                         samples_per_prompt: int = 1) -> Rollout:
+  """Two-attempt rollouts whose attempt 1 comes from `first_params` (e.g. the base model) and
+  attempt 2 from `params`, written after attempt 1 and the instruction.
+
+  `first_sampler` samples two attempts (the second is dropped); `second_sampler` samples one,
+  with room for the prompt, attempt 1 and the instruction as its prompt (max_prompt_len =
+  P + N + L, hence the same buffer length). In the result attempt 1's tokens are context
+  (attempt id 0: `params` did not write them) and attempt 2's carry id 2; texts, truncation and
+  the per-attempt views hold both attempts.
+  """
+  first = generate(conv, first_sampler, first_params, examples, rng, method, samples_per_prompt)
+  out1 = first.output
+  tokens, attempt = np.asarray(out1.tokens), np.asarray(out1.attempt)
+  # Everything before attempt 2: prompt, attempt 1, instruction (contiguous in the buffer).
+  ends = np.argmax(attempt == 2, axis=1)
+  out2 = second_sampler(params, [row[:end].tolist() for row, end in zip(tokens, ends)],
+                        jax.random.fold_in(rng, 1), method)
+  views = lambda field: np.concatenate([np.asarray(getattr(out1, field))[:1],
+                                        np.asarray(getattr(out2, field))])
+  output = sampler_lib.SampleOutput(
+      tokens=np.asarray(out2.tokens), attempt=np.where(np.asarray(out2.attempt) == 1, 2, 0),
+      logprobs=np.asarray(out2.logprobs), lengths=np.asarray(out2.lengths),
+      attempt_tokens=views("attempt_tokens"), attempt_logprobs=views("attempt_logprobs"),
+      attempt_mask=views("attempt_mask"), attempt_lengths=views("attempt_lengths"))
+  second = conv.decode_attempts(out2)
+  return Rollout(first.examples, output, [[t[0], s[0]] for t, s in zip(first.texts, second)],
+                 np.stack([first.truncated[:, 0], conv.truncated(out2)[:, 0]], axis=1))
 
 
 def score(pool: Any, task: tasks.Task, rollout: Rollout,

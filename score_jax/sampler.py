@@ -206,6 +206,14 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
                       attempt_lengths=att_lengths)
 
 
+def concatenate(outputs: Sequence[SampleOutput]) -> SampleOutput:
+  """The rows of several outputs (of one buffer length), in order, as numpy arrays."""
+  rows = lambda field, axis: np.concatenate(
+      [np.asarray(getattr(o, field)) for o in outputs], axis=axis)
+  return SampleOutput(**{f.name: rows(f.name, 1 if f.name.startswith("attempt_") else 0)
+                         for f in dataclasses.fields(SampleOutput)})
+
+
 class Sampler:
   """Host-side front end: pads prompts, checks sizes, calls the compiled `sample`.
 
@@ -281,12 +289,9 @@ class Sampler:
                method: sampling.Method) -> SampleOutput:
     if self.max_batch is None or len(prompts) <= self.max_batch:
       return self._call(params, prompts, rng, method)
-    chunks = [self._call(params, prompts[i:i + self.max_batch], jax.random.fold_in(rng, i),
-                         method) for i in range(0, len(prompts), self.max_batch)]
-    rows = lambda field, axis: np.concatenate(
-        [np.asarray(getattr(c, field)) for c in chunks], axis=axis)
-    return SampleOutput(**{f.name: rows(f.name, 1 if f.name.startswith("attempt_") else 0)
-                           for f in dataclasses.fields(SampleOutput)})
+    return concatenate([self._call(params, prompts[i:i + self.max_batch],
+                                   jax.random.fold_in(rng, i), method)
+                        for i in range(0, len(prompts), self.max_batch)])
 
   def _call(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
             method: sampling.Method) -> SampleOutput:

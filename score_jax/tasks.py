@@ -104,6 +104,17 @@ class Task(abc.ABC):
     fn, args = self.reward_call(response, example)
     return fn(*args)
 
+  def final_answer(self, response: str) -> Optional[str]:
+    """What majority voting compares (self-consistency): a canonical form of the response's
+    final answer, None when it has none. By default the stripped text (code: the program)."""
+    return response.strip() or None
+
+  def reference_solution(self, example: Example) -> Optional[str]:
+    """A correct response to `example` in the model's format, when the task can write one
+    (Pair-SFT's fallback); None by default."""
+    del example
+    return None
+
   def _check_split(self, split: str) -> None:
     if split not in self.splits:
       raise ValueError(f"task {self.name!r} has no split {split!r}; it has {self.splits}")
@@ -118,6 +129,13 @@ def math_reward(response: str, reference: str, lenient: bool = False) -> float:
   `lenient`: without a final-answer form, the response's last number is its answer."""
   from score_jax.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
   return float(math_rewards.check(response, reference, lenient=lenient))
+
+
+def math_answer(response: str, lenient: bool = False) -> Optional[str]:
+  """The normalized final answer of a math response (None without one), for voting."""
+  from score_jax.rewards import math as math_rewards  # pylint: disable=g-import-not-at-top
+  answer = math_rewards.extract_answer(response, lenient=lenient)
+  return None if answer is None else math_rewards.normalize(answer)
 
 
 def code_reward(program: str, tests: str, timeout_s: float) -> float:
@@ -261,6 +279,9 @@ class MathTaskBase(Task):
 
   def reward_call(self, response: str, example: Example) -> RewardCall:
     return math_reward, (response, example.reference, self.lenient_answers)
+
+  def final_answer(self, response: str) -> Optional[str]:
+    return math_answer(response, self.lenient_answers)
 
 
 class JsonlMathTask(MathTaskBase):

@@ -98,6 +98,13 @@ class ToyArithmetic(tasks.Task):
   def reward_call(self, response: str, example: tasks.Example) -> tasks.RewardCall:
     return tasks.math_reward, (response, example.reference)
 
+  def final_answer(self, response: str) -> Optional[str]:
+    return tasks.math_answer(response)
+
+  def reference_solution(self, example: tasks.Example) -> str:
+    digits = [int(d) for d in example.prompt.split("+")]
+    return solution(digits, sum(digits))
+
   def sft_transcript(self, example: tasks.Example,
                      rng: np.random.Generator) -> tuple[str, str]:
     """Two attempts (texts) of an imperfect base model for the SFT data."""

@@ -7,13 +7,15 @@
       rewards = pool(rollout.texts)                    # ... the host checks answers
       state, metrics = train_step(state, batch)        # jitted, sharded, state donated
 
-Modes: "sft" trains the base model on transcripts (cross-entropy); "stage1", "stage2",
-"multi_turn", "single_turn" are the RL objectives of objectives.py. Every run writes
+What a step trains on and with which loss is the mode's (modes.py: SFT on transcripts, the RL
+objectives of objectives.py, STaR, Pair-SFT): `mode.next_batch` builds the batch, `mode.make_loss`
+is the jitted step's loss; this loop is the same for all of them. Every run writes
 WORKDIR/metrics.jsonl, TensorBoard events, orbax checkpoints (resumed automatically after a
 crash) and, at the end, WORKDIR/export: the weights for the next stage or evaluation.
 
 Which weights are exported (`RunConfig.export`): "best", as in the paper, is the checkpoint with
-the highest training reward (the final attempt's reward; for SFT the negative loss), smoothed
+the highest training reward (`mode.training_reward`: the final attempt's reward of the policy's
+own samples; for the SFT objectives the negative loss), smoothed
 by a moving mean over the last `RunConfig.reward_window` steps; "last" is the final step.
 WORKDIR/export/selection.json records the step exported and its smoothed reward.
 """
@@ -31,24 +33,18 @@ from absl import logging
 import gin
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 import optax
 
 from score_jax import checkpoints
 from score_jax import data as data_lib
-from score_jax import evaluation
 from score_jax import metric_writers
 from score_jax import model as model_lib
-from score_jax import objectives
 from score_jax import partitioning
 from score_jax import rollout as rollout_lib
-from score_jax import sampling
+from score_jax import sampler as sampler_lib
 from score_jax import tasks
 from score_jax import train_step as ts
 from score_jax.rewards import pool as pool_lib
-
-RL_MODES = objectives.KINDS
-
 
 class UserError(Exception):
   """A problem with the user's input (config, paths): reported in one line, no traceback."""
@@ -120,15 +116,6 @@ def state_shardings(state_shapes, model_cfg, mesh, rules):
       ref_params=None if state_shapes.ref_params is None else param_sh)
 
 
-def _training_reward(mode: str, metrics: dict[str, Any]) -> float:
-  """What "best checkpoint" means: the final attempt's reward (the paper picks checkpoints
-  by training reward); for SFT, the negative loss."""
-  if mode == "sft":
-    return -float(metrics["loss"])
-  finals = sorted(k for k in metrics if k.startswith("reward_t"))
-  return float(metrics[finals[-1]])
-
-
 def check_prompt_lengths(conv: rollout_lib.Conversation, examples, max_prompt_len: int) -> None:
   """Raises a one-line UserError when a prompt of `examples` has more than `max_prompt_len`
   tokens (nothing is truncated), naming the longest one and the setting that fits them all."""
@@ -171,32 +158,32 @@ def batch_hash(examples) -> int:
   return zlib.crc32("\n".join(e.id for e in examples).encode())
 
 
-def sft_batch(task: tasks.Task, conv: rollout_lib.Conversation, examples, rng, length: int):
-  """Token ids and attempt ids [B, length] of SFT transcripts (`task.sft_transcript`)."""
-  vocab, eot, ins = conv.vocab, conv.stop_id, conv.instruction_ids()
-  tokens = np.full((len(examples), length), vocab.pad_id, np.int32)
-  attempt = np.zeros_like(tokens)
-  for b, ex in enumerate(examples):
-    seq = conv.prompt_ids(ex)
-    att = [0] * len(seq)
-    for k, text in enumerate(task.sft_transcript(ex, rng)):
-      if k:
-        seq, att = seq + ins, att + [0] * len(ins)
-      ids = vocab.encode(text) + [eot]
-      seq, att = seq + ids, att + [k + 1] * len(ids)
-    if len(seq) > length:
-      raise UserError(f"SFT transcript of {len(seq)} tokens exceeds the buffer of {length}; "
-                      "raise RunConfig.max_new_tokens or max_prompt_len")
-    tokens[b, :len(seq)], attempt[b, :len(seq)] = seq, att
-  return {"tokens": tokens, "attempt": attempt}
+@dataclasses.dataclass
+class StepContext:
+  """What a mode's `next_batch` builds its batch with (one per run)."""
+  task: tasks.Task
+  conv: rollout_lib.Conversation
+  sampler: sampler_lib.Sampler  # Two (num_attempts) attempts; its buffer is the batch's length.
+  pool: Optional[pool_lib.RewardPool]
+  cfg: RunConfig
+  mesh: Any
+
+  @functools.cached_property
+  def after_first_sampler(self) -> sampler_lib.Sampler:
+    """One attempt after a given prompt + attempt 1 + instruction (same buffer length)."""
+    s = self.sampler
+    return self.conv.make_sampler(
+        s.model_cfg, num_attempts=1, max_new_tokens=s.max_new_tokens,
+        max_prompt_len=s.total_len - s.max_new_tokens, mesh=self.mesh)
 
 
-def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,
-          cfg: RunConfig, objective: Optional[objectives.ObjectiveConfig] = None,
-          mesh=None, rules=partitioning.DEFAULT_RULES) -> Policy:
-  """Trains `policy` for `cfg.steps` steps (resuming from WORKDIR's checkpoints); exports it."""
-  if mode != "sft" and mode not in RL_MODES:
-    raise UserError(f"unknown training mode {mode!r}; use sft or one of {RL_MODES}")
+def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,
+          cfg: RunConfig, mesh=None, rules=partitioning.DEFAULT_RULES) -> Policy:
+  """Trains `policy` for `cfg.steps` steps (resuming from WORKDIR's checkpoints); exports it.
+
+  `mode` is a mode of modes.py (its batches, loss and training reward); `ref_params` the
+  frozen reference it may use (KL, or the model STaR / Pair-SFT sample from), None for SFT.
+  """
   if cfg.export not in ("best", "last"):
     raise UserError(f"RunConfig.export must be 'best' or 'last', got {cfg.export!r}")
   if cfg.reward_window < 1:
@@ -206,21 +193,13 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   mesh = mesh or partitioning.make_mesh(partitioning.mesh_shape())
   model_cfg, conv = policy.model_cfg, policy.conv
   optimizer = make_optimizer(cfg)
-  n = 1 if mode == "sft" else cfg.samples_per_prompt
   per_host = cfg.batch_prompts // jax.process_count()
   if per_host * jax.process_count() != cfg.batch_prompts:
     raise UserError(f"batch_prompts={cfg.batch_prompts} must divide over "
                     f"{jax.process_count()} hosts")
 
   # The train step, jitted with shardings from the logical-axis rules; state donated.
-  if mode == "sft":
-    loss_fn = functools.partial(ts.sft_loss, model_cfg=model_cfg)
-  else:
-    objective = dataclasses.replace(objective or objectives.ObjectiveConfig(kind=mode), n=n)
-    if objective.kind != mode:
-      raise UserError(f"mode {mode!r} but the gin objective kind is {objective.kind!r}")
-    loss_fn = functools.partial(ts.policy_loss, model_cfg=model_cfg, objective=objective,
-                                method=sampling_method(cfg))
+  loss_fn = mode.make_loss(model_cfg, cfg)
   init_fn = lambda p, r: ts.init_state(p, optimizer, r)
   state_shapes = jax.eval_shape(init_fn, policy.params, ref_params)
   state_sh = state_shardings(state_shapes, model_cfg, mesh, rules)
@@ -228,7 +207,8 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     # From host memory, so that every process lays out its shards of the global state.
     state = jax.jit(init_fn, out_shardings=state_sh)(jax.device_get(policy.params),
                                                      jax.device_get(ref_params))
-    step_fn = jax.jit(ts.make_train_step(loss_fn, optimizer, cfg.num_micro_batches, n),
+    step_fn = jax.jit(ts.make_train_step(loss_fn, optimizer, cfg.num_micro_batches,
+                                         mode.group_size(cfg)),
                       in_shardings=(state_sh, None), out_shardings=(state_sh, None),
                       donate_argnums=0)
     sampler = conv.make_sampler(model_cfg, num_attempts=cfg.num_attempts,
@@ -250,7 +230,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   start = 0
   if ckpt.latest_step() is not None:
     state, meta = _restore(ckpt, ckpt.latest_step(),
-                           target.replace(ref_params=state.ref_params), mode)
+                           target.replace(ref_params=state.ref_params), mode.name)
     try:
       data.set_state(meta["data"])
     except ValueError as e:
@@ -258,34 +238,28 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
                       f"settings ({e}): use a fresh work dir") from None
     smoothed = checkpoints.MovingMean(cfg.reward_window, meta.get("recent_rewards", ()))
     start = int(state.step)
-    logging.info("Resumed %s from step %d in %s", mode, start, workdir)
-    print(f"Resuming {mode} from step {start}", file=sys.stderr, flush=True)
+    logging.info("Resumed %s from step %d in %s", mode.name, start, workdir)
+    print(f"Resuming {mode.name} from step {start}", file=sys.stderr, flush=True)
 
   writer = metric_writers.MetricsWriter(workdir, cfg.steps, start)
-  pool = None if mode == "sft" else make_pool(cfg.reward_workers)
+  pool = make_pool(cfg.reward_workers) if mode.uses_pool else None
+  ctx = StepContext(task, conv, sampler, pool, cfg, mesh)
   rng = jax.random.PRNGKey(cfg.seed)
   try:
     for step in range(start, cfg.steps):
       t0 = time.time()
       examples = next(data)
-      if mode == "sft":
-        np_rng = np.random.default_rng([cfg.seed, step])
-        batch = partitioning.host_local_to_global(
-            sft_batch(task, conv, examples, np_rng, sampler.total_len), mesh)
-        with partitioning.with_mesh_and_rules(mesh, rules):
-          state, metrics = step_fn(state, batch)
-        extra = {}
-      else:
-        metrics, extra, state = _rl_step(state, step_fn, sampler, conv, task, pool, examples,
-                                         jax.random.fold_in(rng, step), cfg, mesh, rules)
+      with partitioning.with_mesh_and_rules(mesh, rules):
+        batch, extra = mode.next_batch(ctx, state, examples, jax.random.fold_in(rng, step), step)
+        state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
       metrics.update(extra, step_time_s=time.time() - t0, batch_hash=batch_hash(examples),
                      epoch=data.epoch)
       last = step + 1 == cfg.steps
       writer.write(step + 1, metrics, console=(step + 1) % cfg.log_every == 0 or last)
-      reward = smoothed.add(_training_reward(mode, metrics))
+      reward = smoothed.add(mode.training_reward(metrics))
       if (step + 1) % cfg.checkpoint_every == 0 or last:
-        ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode,
+        ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode.name,
                                     "recent_rewards": smoothed.values()}, reward=reward)
     ckpt.wait()
   finally:
@@ -297,7 +271,7 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     export_step = ckpt.best_step()
     ref = state.ref_params
     state = None  # Frees the last state before the best one is read.
-    state, _ = _restore(ckpt, export_step, target.replace(ref_params=ref), mode)
+    state, _ = _restore(ckpt, export_step, target.replace(ref_params=ref), mode.name)
   params = multihost_utils.process_allgather(state.params, tiled=True)
   export = os.path.join(workdir, "export")
   checkpoints.export_params(export, model_cfg, params, policy.vocab_spec)
@@ -310,41 +284,3 @@ def train(mode: str, workdir: str, task: tasks.Task, policy: Policy, ref_params:
           f"{selection['smoothed_reward']}) to {export}", file=sys.stderr, flush=True)
   ckpt.close()
   return dataclasses.replace(policy, params=params)
-
-
-def _rl_step(state, step_fn, sampler, conv, task, pool, examples, rng, cfg, mesh, rules):
-  """One RL step. Returns (device metrics, host metrics, new state)."""
-  t0 = time.time()
-  with partitioning.with_mesh_and_rules(mesh, rules):
-    ro = rollout_lib.generate(conv, sampler, state.params, examples, rng,
-                              sampling_method(cfg), cfg.samples_per_prompt)
-    t_sampled = time.time()
-    # Each host checks its own rows.
-    rewards_future = rollout_lib.score(pool, task, ro, cfg.truncated_reward)
-    batch = partitioning.host_local_to_global(
-        {"tokens": ro.output.tokens, "attempt": ro.output.attempt}, mesh)
-    # Dispatched asynchronously: the device computes while the host waits for the rewards.
-    batch["ref_logp"] = ref_logprobs_fn(sampler.model_cfg, sampling_method(cfg))(
-        state.ref_params, batch["tokens"])
-    t_dispatched = time.time()
-    batch["rewards"] = partitioning.host_local_to_global(rewards_future.result(), mesh)
-    t_rewards = time.time()
-    state, metrics = step_fn(state, batch)
-  # Host reward time left exposed: how long the host still waited after the device work
-  # was dispatched, out of the whole time the checks took.
-  extra = {"reward_wait_s": t_rewards - t_dispatched, "reward_s": rewards_future.compute_s,
-           "sample_s": t_sampled - t0}
-  if cfg.num_attempts > 1:
-    extra["edit_ratio"] = float(np.mean([evaluation.edit_ratio(t[0], t[1]) for t in ro.texts]))
-  return metrics, extra, state
-
-
-@functools.cache
-def ref_logprobs_fn(model_cfg, method):
-  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg, method=method))
-
-
-def sampling_method(cfg: RunConfig) -> sampling.Method:
-  """How training rollouts are sampled (and so the distribution whose log-probs are trained)."""
-  return sampling.from_temperature(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                   min_p=cfg.min_p)

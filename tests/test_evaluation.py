@@ -103,3 +103,15 @@ def test_host_shares_cover_every_problem_once_with_equal_calls(n, hosts):
   shares = [evaluation.host_share(examples, p, hosts) for p in range(hosts)]
   assert len({len(block) for block, _ in shares}) == 1  # Same sampler calls on every host.
   assert [x for block, real in shares for x in block[:real]] == examples
+
+
+def test_per_turn_metrics_of_three_attempts():
+  # t1, t2, t3: i->c->c, c->i->c, c->c->i, i->i->c
+  rewards = np.array([[0, 1, 1], [1, 0, 1], [1, 1, 0], [0, 0, 1]], np.float32)
+  m = evaluation.self_correction_metrics(rewards)
+  assert [m["acc_t1"], m["acc_t2"], m["acc_t3"]] == pytest.approx([0.5, 0.5, 0.75])
+  assert m["delta"] == 0 and m["delta_i2c"] == 0.25 and m["delta_c2i"] == 0.25
+  assert m["delta_t2_t3"] == pytest.approx(0.25)
+  assert m["delta_i2c_t2_t3"] == pytest.approx(0.5) and m["delta_c2i_t2_t3"] == 0.25
+  table = evaluation.turn_table(m)
+  assert "| 3 | 75.0 | 25.0 | 50.0 | 25.0 |" in table
