@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import numpy as np
 from rapidfuzz import process as rf_process
 from rapidfuzz.distance import Levenshtein
@@ -100,16 +101,14 @@ def turn_table(metrics: Mapping[str, float]) -> str:
 def write_results(directory: str, metrics: Mapping[str, float], samples: Sequence[dict]) -> None:
   """results.json, results.md, samples.jsonl (every problem's attempts and rewards) and the
   edit-distance-ratio histogram of attempts 1 and 2 (HISTOGRAM)."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "results.json"), "w") as f:
-    json.dump(dict(metrics), f, indent=2)
-  with open(os.path.join(directory, "results.md"), "w") as f:
-    f.write(markdown_table({"model": metrics}) + "\n")
-    if "acc_t3" in metrics:
-      f.write("\n" + turn_table(metrics) + "\n")
-  with open(os.path.join(directory, "samples.jsonl"), "w") as f:
-    for s in samples:
-      f.write(json.dumps(s) + "\n")
+  out = epath.Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(dict(metrics), indent=2))
+  tables = markdown_table({"model": metrics}) + "\n"
+  if "acc_t3" in metrics:
+    tables += "\n" + turn_table(metrics) + "\n"
+  (out / "results.md").write_text(tables)
+  (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
   plots.edit_ratio_histogram(
       os.path.join(directory, HISTOGRAM),
       {os.path.basename(os.path.abspath(directory)): edit_ratios([s["attempts"] for s in samples])})

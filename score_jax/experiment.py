@@ -29,13 +29,13 @@ the model is loaded or compiled, and errors of reading files become one-line `Us
 
 import dataclasses
 import os
-import tempfile
 from typing import Any, Callable, Optional, Sequence, Union
 
 import gin
 import jax
 import numpy as np
 
+from score_jax import checkpoints
 from score_jax import evaluation
 from score_jax import model as model_lib
 from score_jax import modes
@@ -111,8 +111,8 @@ def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer
   source, chat_format = policy_source()
   from score_jax import loading  # pylint: disable=g-import-not-at-top
   if path is not None:
-    export = os.path.join(path, "export")
-    if not os.path.isfile(os.path.join(export, "model_config.json")):
+    export = checkpoints.resolve(path) / "export"
+    if not (export / "model_config.json").is_file():
       raise UserError(f"no exported model in {path!r} (expected {export}/): run the "
                       "previous stage first, or fix experiment.init_from")
     try:
@@ -355,10 +355,11 @@ def missing_settings() -> list[str]:
 
 def _check_writable(workdir: str) -> None:
   """Creates `workdir` and writes a file in it; one line naming it when that fails."""
+  probe = checkpoints.resolve(workdir) / f".writable.{os.getpid()}.{jax.process_index()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
   except OSError as e:
     raise UserError(f"the work dir {workdir!r} (WORKDIR) is not writable: "
                     f"{e.strerror or trainer.first_line(e)}") from None
@@ -384,8 +385,7 @@ def experiment(mode: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
   task = make_task(task, "experiment.task")
   _check_writable(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+    (checkpoints.resolve(workdir) / "config.gin").write_text(gin.config_str())
   if mode == "ablations":
     from score_jax import ablations  # pylint: disable=g-import-not-at-top
     return ablations.run(workdir, task)
@@ -412,8 +412,7 @@ def pipeline(workdir: str, task: tasks.Task) -> dict[str, dict[str, float]]:
       out = d("eval_" + os.path.basename(src or "base"))
       rows[name] = run_eval(out, eval_task, examples, load_policy(eval_task, src))
   table = evaluation.markdown_table(rows)
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(table + "\n")
+  (checkpoints.resolve(workdir) / "table.md").write_text(table + "\n")
   print("\n" + table)
   if jax.process_index() == 0:  # Only process 0 wrote metrics and results.
     print("report:", report.write_report([workdir], workdir))

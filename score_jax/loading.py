@@ -24,6 +24,7 @@ import json
 import os
 from typing import Any, Callable, Optional
 
+from etils import epath
 import gguf
 import jax
 import jax.numpy as jnp
@@ -106,8 +107,7 @@ def load(source: str, dtype: Any = jnp.float32
 def export_vocab_spec(directory: str) -> dict[str, Any]:
   """How an export's vocabulary is made: {"kind": "char", "alphabet": ...} or
   {"kind": "source", "source": ...} (its vocab.json)."""
-  with open(os.path.join(directory, _EXPORT_VOCAB)) as f:
-    return json.load(f)
+  return json.loads((epath.Path(directory) / _EXPORT_VOCAB).read_text())
 
 
 def gguf_path(source: str) -> Optional[str]:
@@ -158,14 +158,15 @@ def save_params(directory: str, cfg: ModelConfig, params: Params, vocab_source: 
 
 def _kind(path: str) -> str:
   """What `path` holds: "gguf", "export" or "hf"."""
-  if os.path.isfile(path):
-    with open(path, "rb") as f:
+  where = epath.Path(path)  # Exports may live on gs:// and the like.
+  if where.is_file():
+    with where.open("rb") as f:
       if f.read(4) == b"GGUF":
         return "gguf"
     raise ValueError(f"{path} is not a GGUF file")
-  if os.path.isfile(os.path.join(path, _EXPORT_CONFIG)):
+  if (where / _EXPORT_CONFIG).is_file():
     return "export"
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if (where / "config.json").is_file():
     return "hf"
   raise ValueError(
       f"cannot load {path!r}: expected a shipped name ({', '.join(sorted(_SHIPPED))}), a GGUF "

@@ -35,7 +35,9 @@ import jax
 
 from score_jax import checkpoints
 from score_jax import experiment
+from score_jax import preemption
 
+PREEMPTED_STATUS = 143  # As a process ended by SIGTERM: a scheduler runs it again.
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "gin files, by path or by name.")
@@ -241,6 +243,9 @@ def run() -> None:
       # gin appends "In call to configurable ..." lines: keep the message itself.
       print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
       sys.exit(2)
+    except preemption.Preempted as e:
+      print(f"preempted: {str(e).splitlines()[0]}", file=sys.stderr)
+      sys.exit(PREEMPTED_STATUS)
 
   app.run(wrapped, argv=argv)
 

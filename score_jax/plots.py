@@ -16,7 +16,14 @@ import dataclasses
 import re
 from typing import Mapping, Sequence
 
+from etils import epath
 import numpy as np
+
+
+def _save(fig, path: str) -> None:
+  """The figure as PNG at `path` (local or, through etils.epath, e.g. gs://)."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=110)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +122,7 @@ def draw_curves(path: str, group: CurveGroup, lines: Sequence[Series]) -> None:
   ax.xaxis.get_major_locator().set_params(integer=True)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
-  ax.figure.savefig(path, dpi=110)
+  _save(ax.figure, path)
 
 
 def edit_ratio_histogram(path: str, ratios: Mapping[str, np.ndarray], bins: int = 20) -> None:
@@ -138,4 +145,4 @@ def edit_ratio_histogram(path: str, ratios: Mapping[str, np.ndarray], bins: int 
          ylabel="fraction of problems", xlim=(0, 1))
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
-  ax.figure.savefig(path, dpi=110)
+  _save(ax.figure, path)

@@ -2,8 +2,9 @@
 
 Preemptible TPU VMs and spot GPU hosts announce their end with SIGTERM, some seconds ahead.
 `StopOnSigterm` turns the signal into a request that the training loop honours at the end of
-the step it is in: it saves a checkpoint and returns, and the same command later resumes from
-that step exactly (data order and RNG included, as after any checkpoint). In a multi-host run
+the step it is in: it saves a checkpoint and raises `Preempted` (the command line exits with
+status 143, as a process ended by SIGTERM, so that a scheduler runs it again and no later
+stage starts), and the same command later resumes from that step exactly (data order and RNG included, as after any checkpoint). In a multi-host run
 the processes agree on the step to stop at (a request on any host stops all of them), so that
 they all save the same step.
 
@@ -18,6 +19,10 @@ from typing import Any, Mapping
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+
+class Preempted(Exception):
+  """The run stopped at a preemption notice after saving its state (resume: same command)."""
 
 
 class NonFiniteError(ArithmeticError):

@@ -23,7 +23,6 @@ WORKDIR/export/selection.json records the step exported and its smoothed reward.
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 import zlib
@@ -32,7 +31,6 @@ from typing import Any, Optional
 from absl import logging
 import gin
 import jax
-from jax.experimental import multihost_utils
 import optax
 
 from score_jax import checkpoints
@@ -40,6 +38,7 @@ from score_jax import data as data_lib
 from score_jax import metric_writers
 from score_jax import model as model_lib
 from score_jax import partitioning
+from score_jax import preemption
 from score_jax import rollout as rollout_lib
 from score_jax import sampler as sampler_lib
 from score_jax import tasks
@@ -189,7 +188,7 @@ def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   if cfg.reward_window < 1:
     raise UserError(f"RunConfig.reward_window must be >= 1, got {cfg.reward_window}")
   check_prompt_lengths(policy.conv, task.examples("train"), cfg.max_prompt_len)
-  os.makedirs(workdir, exist_ok=True)
+  checkpoints.resolve(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh or partitioning.make_mesh(partitioning.mesh_shape())
   model_cfg, conv = policy.model_cfg, policy.conv
   optimizer = make_optimizer(cfg)
@@ -217,10 +216,10 @@ def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params:
 
   try:
     # Without the reference: it is the frozen base model, read again from its source.
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = checkpoints.Checkpointer(checkpoints.resolve(workdir) / "checkpoints",
                                     keep=cfg.keep_checkpoints, save_ref=False)
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot read the checkpoints in {os.path.join(workdir, 'checkpoints')}: "
+    raise UserError(f"cannot read the checkpoints in {workdir}/checkpoints: "
                     f"{first_line(e)} (a damaged step directory there? delete it to resume "
                     "from an earlier one)") from None
   data = data_lib.PromptIterator(task.examples("train"), per_host, seed=cfg.seed)
@@ -246,21 +245,36 @@ def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params:
   ctx = StepContext(task, conv, sampler, pool, cfg, mesh)
   rng = jax.random.PRNGKey(cfg.seed)
   try:
-    for step in range(start, cfg.steps):
-      t0 = time.time()
-      examples = next(data)
-      with partitioning.with_mesh_and_rules(mesh, rules):
-        batch, extra = mode.next_batch(ctx, state, examples, jax.random.fold_in(rng, step), step)
-        state, metrics = step_fn(state, batch)
-      metrics = jax.device_get(metrics)
-      metrics.update(extra, step_time_s=time.time() - t0, batch_hash=batch_hash(examples),
-                     epoch=data.epoch)
-      last = step + 1 == cfg.steps
-      writer.write(step + 1, metrics, console=(step + 1) % cfg.log_every == 0 or last)
-      reward = smoothed.add(mode.training_reward(metrics))
-      if (step + 1) % cfg.checkpoint_every == 0 or last:
-        ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode.name,
-                                    "recent_rewards": smoothed.values()}, reward=reward)
+    with preemption.StopOnSigterm() as stop:
+      for step in range(start, cfg.steps):
+        t0 = time.time()
+        examples = next(data)
+        with partitioning.with_mesh_and_rules(mesh, rules):
+          batch, extra = mode.next_batch(ctx, state, examples, jax.random.fold_in(rng, step),
+                                         step)
+          state, metrics = step_fn(state, batch)
+        metrics = jax.device_get(metrics)
+        metrics.update(extra, step_time_s=time.time() - t0, batch_hash=batch_hash(examples),
+                       epoch=data.epoch)
+        last = step + 1 == cfg.steps
+        writer.write(step + 1, metrics, console=(step + 1) % cfg.log_every == 0 or last)
+        try:  # Before anything is saved: the latest checkpoint stays the last good state.
+          preemption.check_finite(step + 1, metrics)
+        except preemption.NonFiniteError as e:
+          ckpt.wait()
+          good = ckpt.latest_step()
+          raise UserError(f"{e}: stopped; the last good checkpoint is "
+                          + (f"step {good} in {ckpt.directory}" if good else "none")
+                          + " (lower RunConfig.learning_rate or check the data)") from None
+        reward = smoothed.add(mode.training_reward(metrics))
+        preempted = stop.requested()
+        if (step + 1) % cfg.checkpoint_every == 0 or last or preempted:
+          ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode.name,
+                                      "recent_rewards": smoothed.values()}, reward=reward)
+        if preempted and not last:
+          ckpt.wait()
+          raise preemption.Preempted(f"SIGTERM: saved step {step + 1} of {cfg.steps} in "
+                                     f"{ckpt.directory}; the same command resumes from it")
     ckpt.wait()
   finally:
     writer.close()
@@ -272,15 +286,14 @@ def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params:
     ref = state.ref_params
     state = None  # Frees the last state before the best one is read.
     state, _ = _restore(ckpt, export_step, target.replace(ref_params=ref), mode.name)
-  params = multihost_utils.process_allgather(state.params, tiled=True)
-  export = os.path.join(workdir, "export")
-  checkpoints.export_params(export, model_cfg, params, policy.vocab_spec)
+  export = checkpoints.resolve(workdir) / "export"
+  # The sharded parameters as they are: every process writes its own shards (orbax).
+  checkpoints.export_params(export, model_cfg, state.params, policy.vocab_spec)
   if jax.process_index() == 0:
     selection = {"step": export_step, "last_step": cfg.steps, "rule": cfg.export,
                  "reward_window": cfg.reward_window, "smoothed_reward": ckpt.reward(export_step)}
-    with open(os.path.join(export, "selection.json"), "w") as f:
-      json.dump(selection, f, indent=2)
+    (export / "selection.json").write_text(json.dumps(selection, indent=2))
     print(f"Exported step {export_step} of {cfg.steps} ({cfg.export}; smoothed training reward "
           f"{selection['smoothed_reward']}) to {export}", file=sys.stderr, flush=True)
   ckpt.close()
-  return dataclasses.replace(policy, params=params)
+  return dataclasses.replace(policy, params=state.params)

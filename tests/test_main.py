@@ -142,6 +142,47 @@ def test_kill_9_then_restart_continues_with_same_data_order(tmp_path):
     assert m["batch_hash"] == expected[m["step"] - 1]
 
 
+def test_sigterm_saves_the_current_step_then_the_rerun_resumes_it_exactly(tmp_path):
+  # No periodic checkpoint before step 400: the only one is SIGTERM's.
+  args = ["--gin_file=sft.gin", "--gin_file=tasks/toy.gin", f"--gin.WORKDIR='{tmp_path}'",
+          "--gin.sft/RunConfig.steps=400", "--gin.RunConfig.checkpoint_every=400",
+          "--gin.RunConfig.batch_prompts=8", "--gin.toy.model_config.num_layers=1"]
+  proc = subprocess.Popen([sys.executable, "-m", "score_jax.main", *args], cwd=ROOT, env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stderr = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 143, stderr
+  stopped_at = read_jsonl(metrics)[-1]["step"]
+  assert f"preempted: SIGTERM: saved step {stopped_at} of 400" in stderr
+  assert "Traceback" not in stderr
+  run_main(*args, f"--gin.sft/RunConfig.steps={stopped_at + 2}")
+  lines = read_jsonl(metrics)
+  assert [m["step"] for m in lines] == list(range(1, stopped_at + 3))  # Nothing redone.
+  task = toy.ToyArithmetic()
+  it = data_lib.PromptIterator(task.examples("train"), 8, seed=0)
+  assert [m["batch_hash"] for m in lines] == [trainer.batch_hash(next(it)) for _ in lines]
+
+
+def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path):
+  # Adam moves every weight by ~lr: 1e30 overflows the second step's forward.
+  proc = run_main("--gin_file=sft.gin", "--gin_file=tasks/toy.gin", f"--gin.WORKDIR='{tmp_path}'",
+                  *TINY, "--gin.RunConfig.learning_rate=1e30",
+                  "--gin.RunConfig.checkpoint_every=1", check=False)
+  assert proc.returncode == 2, proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: step 2: non-finite "), last
+  assert "the last good checkpoint is step 1" in last
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [1]
+  assert not (tmp_path / "export").exists()
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
