@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from score_jax import checkpoints
@@ -136,7 +137,28 @@ def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer
                       f"{trainer.first_line(e)}") from None
     spec = {"kind": "source", "source": source}
   conv = _conversation(task, vocab, chat_format, spec.get("source", source))
+  model_cfg = model_settings(model_cfg)
+  params = jax.tree.map(lambda w: np.asarray(w, model_cfg.param_dtype), params)
   return trainer.Policy(model_cfg, params, conv, spec)
+
+
+@gin.configurable
+def model_settings(model_cfg: model_lib.ModelConfig, dtype: Optional[str] = None,
+                   param_dtype: Optional[str] = None, remat: Optional[str] = None
+                   ) -> model_lib.ModelConfig:
+  """How the loaded model computes (gin; None keeps what the weights came with, float32):
+  `dtype` of activations and matmuls ("bfloat16" on accelerators), `param_dtype` of the
+  trained (master) parameters and optimizer moments, `remat` of each layer in the backward
+  pass ("none", "full", "save_dots"; see model.REMAT_POLICIES)."""
+  changes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype), ("remat", remat))
+             if v is not None}
+  for key in ("dtype", "param_dtype"):
+    if key in changes:
+      changes[key] = getattr(jnp, jnp.dtype(changes[key]).name)
+  if changes.get("remat", "none") not in model_lib.REMAT_POLICIES:
+    raise UserError(f"model_settings.remat must be one of {sorted(model_lib.REMAT_POLICIES)}, "
+                    f"got {changes['remat']!r}")
+  return dataclasses.replace(model_cfg, **changes)
 
 
 @gin.configurable
@@ -281,6 +303,9 @@ def run_mode(mode: str, workdir: str, task: tasks.Task, init_from: Optional[str]
         ref_params = policy.params
       else:
         ref_params = load_policy(task, reference_from).params
+      # Frozen: only ever computed with, so its matrices are kept in the compute dtype.
+      ref_params = jax.tree.map(
+          lambda w: np.asarray(w, policy.model_cfg.dtype) if w.ndim > 1 else w, ref_params)
     return trainer.train(train_mode, workdir, task, policy, ref_params, run_cfg,
                          mesh=partitioning.make_mesh(partitioning.mesh_shape()),
                          rules=partitioning.axis_rules())

@@ -55,8 +55,9 @@ def sampling_method(cfg: trainer.RunConfig) -> sampling.Method:
 
 
 @functools.cache
-def ref_logprobs_fn(model_cfg, method):
-  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg, method=method))
+def ref_logprobs_fn(model_cfg, method, chunk_len=None, num_micro_batches=1):
+  return jax.jit(functools.partial(ts.reference_logprobs, model_cfg=model_cfg, method=method,
+                                   chunk_len=chunk_len, num_micro_batches=num_micro_batches))
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,8 +137,7 @@ class SFT:
     return 1
 
   def make_loss(self, model_cfg, cfg):
-    del cfg
-    return functools.partial(ts.sft_loss, model_cfg=model_cfg)
+    return functools.partial(ts.sft_loss, model_cfg=model_cfg, chunk_len=cfg.logprob_chunk_len)
 
   def next_batch(self, ctx, state, examples, rng, step):
     del state, rng
@@ -171,7 +171,7 @@ class RL:
   def make_loss(self, model_cfg, cfg):
     objective = dataclasses.replace(self.objective, n=cfg.samples_per_prompt)
     return functools.partial(ts.policy_loss, model_cfg=model_cfg, objective=objective,
-                             method=sampling_method(cfg))
+                             method=sampling_method(cfg), chunk_len=cfg.logprob_chunk_len)
 
   def next_batch(self, ctx, state, examples, rng, step):
     del step
@@ -190,8 +190,8 @@ class RL:
     batch = partitioning.host_local_to_global(
         {"tokens": ro.output.tokens, "attempt": ro.output.attempt}, ctx.mesh)
     # Dispatched asynchronously: the device computes while the host waits for the rewards.
-    batch["ref_logp"] = ref_logprobs_fn(ctx.sampler.model_cfg, method)(
-        state.ref_params, batch["tokens"])
+    batch["ref_logp"] = ref_logprobs_fn(ctx.sampler.model_cfg, method, cfg.logprob_chunk_len,
+                                        cfg.num_micro_batches)(state.ref_params, batch["tokens"])
     t_dispatched = time.time()
     rewards = rewards_future.result()
     batch["rewards"] = partitioning.host_local_to_global(rewards, ctx.mesh)
@@ -213,8 +213,7 @@ class _SampledSFT:
   uses_pool = True
 
   def make_loss(self, model_cfg, cfg):
-    del cfg
-    return functools.partial(ts.sft_loss, model_cfg=model_cfg)
+    return functools.partial(ts.sft_loss, model_cfg=model_cfg, chunk_len=cfg.logprob_chunk_len)
 
   def _sample(self, ctx, params, examples, rng):
     """A rollout of `params` and its rewards [B, K] (checked by the pool)."""

@@ -69,7 +69,10 @@ class RunConfig:
   max_new_tokens: int = 64
   max_prompt_len: int = 128
   truncated_reward: Optional[float] = 0.0  # an attempt cut at max_new_tokens; None: checked
-  num_micro_batches: int = 1
+  num_micro_batches: int = 1      # of the train step and the reference forward
+  logprob_chunk_len: Optional[int] = 256  # positions per log-prob chunk (None: unchunked)
+  sampler_max_batch: Optional[int] = None  # rows per sampler call (None: the whole batch)
+  cache_dtype: Optional[str] = None  # KV cache dtype, e.g. "bfloat16" (None: compute dtype)
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
   export: str = "best"            # "best" (by smoothed training reward) or "last"
@@ -173,7 +176,13 @@ class StepContext:
     s = self.sampler
     return self.conv.make_sampler(
         s.model_cfg, num_attempts=1, max_new_tokens=s.max_new_tokens,
-        max_prompt_len=s.total_len - s.max_new_tokens, mesh=self.mesh)
+        max_prompt_len=s.total_len - s.max_new_tokens, mesh=self.mesh,
+        **sampler_options(self.cfg))
+
+
+def sampler_options(cfg: RunConfig) -> dict[str, Any]:
+  """The Sampler's memory options of a RunConfig."""
+  return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype}
 
 
 def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,
@@ -212,7 +221,8 @@ def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params:
                       donate_argnums=0)
     sampler = conv.make_sampler(model_cfg, num_attempts=cfg.num_attempts,
                                 max_new_tokens=cfg.max_new_tokens,
-                                max_prompt_len=cfg.max_prompt_len, mesh=mesh)
+                                max_prompt_len=cfg.max_prompt_len, mesh=mesh,
+                                **sampler_options(cfg))
 
   try:
     # Without the reference: it is the frozen base model, read again from its source.

@@ -94,3 +94,15 @@ def test_gin_file_of_a_tpu_model_needs_weights():
       experiment.policy_source()
   finally:
     gin.clear_config()
+
+
+def test_model_settings_from_a_model_file_change_how_the_model_computes():
+  gin.clear_config()
+  try:
+    gin.parse_config_file(os.path.join(GIN_DIR, "gemma3_4b.gin"))
+    cfg = experiment.model_settings(configs.get("gemma3_4b"))
+  finally:
+    gin.clear_config()
+  assert (cfg.dtype, cfg.param_dtype, cfg.remat) == (jnp.bfloat16, jnp.float32, "full")
+  with pytest.raises(experiment.UserError, match="remat"):
+    experiment.model_settings(cfg, remat="all")
