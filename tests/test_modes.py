@@ -46,7 +46,7 @@ def test_make_pair(attempts, rewards, reference, expected):
 
 
 def test_transcript_batch_trains_only_the_chosen_attempts():
-  task = toy.ToyArithmetic()
+  task = toy.ToyArithmetic(num_train=3, num_test=1)
   conv = rollout_lib.Conversation(task, task.vocab, toy.FORMAT)
   examples = task.examples("train")[:3]
   batch = modes.transcript_batch(conv, examples, [("#### 1", "#### 2"), None, ("#### 3",)],
