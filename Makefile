@@ -33,8 +33,9 @@ quickstart: $(STAMP)
 ablations: $(STAMP)
 	$(PY) -m score_jax.main --gin_file=ablations.gin
 
+# Two test processes (pytest-xdist), a file's tests in one of them (module fixtures built once).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
