@@ -149,4 +149,4 @@ def test_micro_batched_reference_equals_one_batch(rollout):
   kwargs = dict(model_cfg=CFG, method=METHOD)
   np.testing.assert_allclose(
       ts.reference_logprobs(params, out.tokens, num_micro_batches=2, **kwargs),
-      batch["ref_logp"], atol=1e-6)
+      batch["ref_logp"], atol=1e-5)  # Other matmul shapes: float32 rounding differs.
