@@ -27,6 +27,7 @@ import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from etils import epath
 import gin
 
 # The phrase that ends a math solution; the math reward finds the answer after it.
@@ -213,17 +214,20 @@ ANSWER_FORMATS: dict[str, Callable[[str], str]] = {
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a jsonl file (gzip-compressed when the name ends in .gz)."""
-  opener = gzip.open if path.endswith(".gz") else open
+  """The records of a jsonl file, local or e.g. gs:// (etils.epath); gzip-compressed when the
+  name ends in .gz."""
   records = []
-  with opener(path, "rt", encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
+  with epath.Path(path).open("rb") as raw:
+    data = raw.read()
+  if str(path).endswith(".gz"):
+    data = gzip.decompress(data)
+  for line_number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
   return records
 
 
