@@ -26,6 +26,7 @@ import json
 import os
 from typing import Optional, Sequence, Union
 
+from score_jax import gguf_file
 from score_jax import vocab as vocab_lib
 
 _TEXT = "{text}"
@@ -185,7 +186,7 @@ def format_from_template(template: str) -> ChatFormat:
 def format_from_gguf(path: Union[str, os.PathLike]) -> ChatFormat:
   """The format of a GGUF model's chat template (see `format_from_template`)."""
   key = "tokenizer.chat_template"
-  template = vocab_lib.read_gguf_metadata(path, {key}).get(key)
+  template = gguf_file.read_metadata(path, {key}).get(key)
   if template is None:
     raise ValueError(f"{path} has no chat template; pick a format by name "
                      "('gemma', 'chatml', 'plain')")

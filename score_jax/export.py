@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_jax import chat
+from score_jax import gguf_file
 from score_jax import loading
 from score_jax import vocab as vocab_lib
 from score_jax.model import ModelConfig
@@ -298,7 +299,7 @@ def source_template(origin: str) -> Optional[str]:
   """The chat template written in a GGUF's metadata or beside a Hugging Face tokenizer."""
   if loading.gguf_path(origin) is not None:
     key = "tokenizer.chat_template"
-    return vocab_lib.read_gguf_metadata(origin, {key}).get(key)
+    return gguf_file.read_metadata(origin, {key}).get(key)
   directory = origin if os.path.isdir(origin) else os.path.dirname(origin)
   jinja = os.path.join(directory, "chat_template.jinja")
   if os.path.isfile(jinja):
@@ -316,9 +317,9 @@ def source_template(origin: str) -> Optional[str]:
 def context_length(origin: str) -> Optional[int]:
   """The context length a GGUF's metadata or a Hugging Face config.json states, or None."""
   if loading.gguf_path(origin) is not None:
-    arch = vocab_lib.read_gguf_metadata(origin, {"general.architecture"})["general.architecture"]
+    arch = gguf_file.read_metadata(origin, {"general.architecture"})["general.architecture"]
     key = f"{arch}.context_length"
-    return vocab_lib.read_gguf_metadata(origin, {key}).get(key)
+    return gguf_file.read_metadata(origin, {key}).get(key)
   directory = origin if os.path.isdir(origin) else os.path.dirname(origin)
   config = os.path.join(directory, "config.json")
   if not os.path.isfile(config):

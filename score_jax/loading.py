@@ -25,7 +25,6 @@ import os
 from typing import Any, Callable, Optional
 
 from etils import epath
-import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +32,7 @@ import safetensors
 
 from score_jax import chat
 from score_jax import checkpoints
+from score_jax import gguf_file
 from score_jax import model
 from score_jax import vocab as vocab_lib
 from score_jax.model import ModelConfig
@@ -126,10 +126,9 @@ def chat_format(name: str, source: str) -> chat.ChatFormat:
   template of `source`'s GGUF writes (plain when it is no GGUF or has no template)."""
   if name != "auto":
     return chat.get_format(name)
-  gguf_file = gguf_path(source)
+  path = gguf_path(source)
   key = "tokenizer.chat_template"
-  template = None if gguf_file is None else vocab_lib.read_gguf_metadata(
-      gguf_file, {key}).get(key)
+  template = None if path is None else gguf_file.read_metadata(path, {key}).get(key)
   if template is None:
     return chat.get_format("plain")
   try:
@@ -352,33 +351,33 @@ def _gemma_family(kw: dict[str, Any]) -> None:
 # GGUF (llama.cpp).
 
 
-def _gguf_config(reader: gguf.GGUFReader) -> tuple[ModelConfig, str]:
+def _gguf_config(metadata: dict[str, Any], tensors: dict[str, gguf_file.Tensor]
+                 ) -> tuple[ModelConfig, str]:
   """The model config and architecture name written in a GGUF file's metadata.
 
   llama.cpp does not write everything: as llama.cpp itself does, Gemma 2 alternates local and
   global layers, Gemma 3 has 5 local layers per global one with rope base 10k on local
   layers, and the 27B models of both scale queries by embed_dim / num_heads.
   """
-  arch = reader.fields["general.architecture"].contents()
+  arch = metadata.get("general.architecture")
   if arch not in ("llama", "qwen2", "qwen3") + _GEMMA_FAMILY:
     raise ValueError(f"GGUF architecture {arch!r} is not supported")
 
   def meta(key: str, default: Any = None) -> Any:
-    field = reader.fields.get(f"{arch}.{key}")
-    if field is None:
+    value = metadata.get(f"{arch}.{key}")
+    if value is None:
       if default is None:
         raise ValueError(f"the GGUF metadata lacks {arch}.{key}")
       return default
-    return field.contents()
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
-  tensors = {t.name: t for t in reader.tensors}
   heads = meta("attention.head_count")
   if not isinstance(heads, int) or not isinstance(meta("attention.head_count_kv", heads), int):
     raise ValueError("GGUF files with per-layer head counts are not supported")
   if "rope_freqs.weight" in tensors:
     raise ValueError("GGUF rope frequency factors (Llama 3.1 style rope) are not supported")
   kw = dict(
-      vocab_size=int(tensors["token_embd.weight"].shape[1]),
+      vocab_size=int(tensors["token_embd.weight"].shape[0]),
       num_layers=meta("block_count"),
       embed_dim=meta("embedding_length"),
       num_heads=heads,
@@ -427,14 +426,11 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _load_gguf(path: str, dtype: Any) -> tuple[ModelConfig, Params]:
-  reader = gguf.GGUFReader(path)
-  cfg, arch = _gguf_config(reader)
-  tensors = {t.name: t for t in reader.tensors}
+  metadata, tensors = gguf_file.read(path, lambda key: not key.startswith("tokenizer."))
+  cfg, arch = _gguf_config(metadata, tensors)
 
   def read(name: str) -> np.ndarray:
-    t = tensors[name]
-    w = gguf.quants.dequantize(t.data, t.tensor_type)
-    w = w.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims innermost first.
+    w = tensors[name].dequantize()
     if arch in _GEMMA_FAMILY and name.endswith("norm.weight"):
       w = w - 1.0  # llama.cpp stores Gemma norms as 1 + scale.
     if arch == "llama" and name.endswith("attn_q.weight"):

@@ -11,17 +11,16 @@
 
 import abc
 import json
-import mmap
 import os
 import pathlib
 import re
-import struct
-from typing import Any, Callable, Container, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-import gguf
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
+
+from score_jax import gguf_file
 
 
 class Vocabulary(abc.ABC):
@@ -110,91 +109,6 @@ _TURN_END_TOKENS = ("<end_of_turn>", "<|im_end|>")
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 
 
-def read_gguf_metadata(path: Union[str, os.PathLike],
-                       keys: Optional[Container[str]] = None) -> dict[str, Any]:
-  """The key/value metadata of a GGUF file (not its tensors).
-
-  `gguf.GGUFReader` builds numpy views for every array element, which takes ~20 s on a 262k-token
-  vocabulary; this walks the metadata directly and takes well under a second.
-
-  Args:
-    path: a .gguf file.
-    keys: the keys to decode (others are skipped); None decodes all.
-
-  Returns:
-    {key: value}: numbers and bools as Python scalars, strings as str, arrays of numbers as 1-D
-    numpy arrays, arrays of strings (or of arrays) as lists.
-  """
-  with open(path, "rb") as f:
-    if f.read(4) != struct.pack("<I", gguf.GGUF_MAGIC):
-      raise ValueError(f"{path} is not a GGUF file")
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-      try:
-        return _read_metadata(_GGUFCursor(buf), keys)
-      except (struct.error, ValueError) as e:
-        raise ValueError(f"{path}: bad GGUF metadata ({e})") from None
-
-
-def _read_metadata(cursor: "_GGUFCursor", keys: Optional[Container[str]]) -> dict[str, Any]:
-  _, version, _, num_kv = cursor.unpack("<IIQQ")  # Magic, version, tensor count, metadata count.
-  if version not in gguf.READER_SUPPORTED_VERSIONS:
-    raise ValueError(f"GGUF version {version} is not supported")
-  metadata = {}
-  for _ in range(num_kv):
-    key = cursor.string()
-    value_type = cursor.unpack("<I")[0]
-    wanted = keys is None or key in keys
-    value = cursor.value(value_type, decode=wanted)
-    if wanted:
-      metadata[key] = value
-  return metadata
-
-
-_GGUF_NUMBERS = {
-    gguf.GGUFValueType.UINT8: np.dtype("<u1"), gguf.GGUFValueType.INT8: np.dtype("<i1"),
-    gguf.GGUFValueType.UINT16: np.dtype("<u2"), gguf.GGUFValueType.INT16: np.dtype("<i2"),
-    gguf.GGUFValueType.UINT32: np.dtype("<u4"), gguf.GGUFValueType.INT32: np.dtype("<i4"),
-    gguf.GGUFValueType.UINT64: np.dtype("<u8"), gguf.GGUFValueType.INT64: np.dtype("<i8"),
-    gguf.GGUFValueType.FLOAT32: np.dtype("<f4"), gguf.GGUFValueType.FLOAT64: np.dtype("<f8"),
-    gguf.GGUFValueType.BOOL: np.dtype("?"),
-}
-
-
-class _GGUFCursor:
-  """Reads GGUF metadata values from a buffer, front to back."""
-
-  def __init__(self, buf: mmap.mmap):
-    self._buf = buf
-    self._pos = 0
-
-  def unpack(self, fmt: str) -> tuple[Any, ...]:
-    values = struct.unpack_from(fmt, self._buf, self._pos)
-    self._pos += struct.calcsize(fmt)
-    return values
-
-  def string(self, decode: bool = True) -> Optional[str]:
-    (length,) = self.unpack("<Q")
-    start, self._pos = self._pos, self._pos + length
-    return self._buf[start:self._pos].decode("utf-8") if decode else None
-
-  def value(self, value_type: int, decode: bool) -> Any:
-    if value_type == gguf.GGUFValueType.STRING:
-      return self.string(decode)
-    if value_type == gguf.GGUFValueType.ARRAY:
-      item_type, count = self.unpack("<IQ")
-      if item_type in _GGUF_NUMBERS:
-        dtype = _GGUF_NUMBERS[item_type]
-        start, self._pos = self._pos, self._pos + count * dtype.itemsize
-        return np.frombuffer(self._buf, dtype, count, start).copy() if decode else None
-      items = [self.value(item_type, decode) for _ in range(count)]
-      return items if decode else None
-    if value_type in _GGUF_NUMBERS:
-      dtype = _GGUF_NUMBERS[value_type]
-      start, self._pos = self._pos, self._pos + dtype.itemsize
-      return np.frombuffer(self._buf, dtype, 1, start)[0].item() if decode else None
-    raise ValueError(f"unknown GGUF value type {value_type}")
-
-
 def _gguf_special_tokens(metadata: dict[str, Any]) -> dict[str, str]:
   """{"bos" | "eos" | "unknown" | "padding": token text} for the special ids a GGUF names."""
   tokens = metadata["tokenizer.ggml.tokens"]
@@ -247,7 +161,7 @@ class SentencePieceVocab(Vocabulary):
   @classmethod
   def from_gguf(cls, path: Union[str, os.PathLike]) -> "SentencePieceVocab":
     """The SentencePiece model a GGUF (tokenizer.ggml.model == "llama") describes."""
-    metadata = read_gguf_metadata(path, _GGUF_TOKENIZER_KEYS)
+    metadata = gguf_file.read_metadata(path, _GGUF_TOKENIZER_KEYS)
     return cls(sentencepiece_proto_from_gguf(path, metadata),
                add_bos=metadata.get("tokenizer.ggml.add_bos_token", True))
 
@@ -319,7 +233,7 @@ def sentencepiece_proto_from_gguf(path: Union[str, os.PathLike],
     metadata: its tokenizer metadata, when already read.
   """
   if metadata is None:
-    metadata = read_gguf_metadata(path, _GGUF_TOKENIZER_KEYS)
+    metadata = gguf_file.read_metadata(path, _GGUF_TOKENIZER_KEYS)
   if metadata.get("tokenizer.ggml.model") != "llama":
     raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
                      "SentencePiece ('llama')")
@@ -427,7 +341,7 @@ class BPEVocab(Vocabulary):
     `tokenizer.ggml.pre` picks how text is split before merging (see `_BPE_FAMILIES`).
     """
     tokenizers = _import_tokenizers()
-    metadata = read_gguf_metadata(path, _GGUF_TOKENIZER_KEYS)
+    metadata = gguf_file.read_metadata(path, _GGUF_TOKENIZER_KEYS)
     if metadata.get("tokenizer.ggml.model") != "gpt2":
       raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
                        "byte-level BPE ('gpt2')")
@@ -500,7 +414,7 @@ class BPEVocab(Vocabulary):
 
 def from_gguf(path: Union[str, os.PathLike]) -> Vocabulary:
   """The vocabulary of a GGUF model: SentencePiece ("llama") or byte-level BPE ("gpt2")."""
-  kind = read_gguf_metadata(path, {"tokenizer.ggml.model"}).get("tokenizer.ggml.model")
+  kind = gguf_file.read_metadata(path, {"tokenizer.ggml.model"}).get("tokenizer.ggml.model")
   if kind == "llama":
     return SentencePieceVocab.from_gguf(path)
   if kind == "gpt2":

@@ -43,6 +43,13 @@ TINY = [  # A few steps of everything, small batches, few eval problems.
     "--gin.RunConfig.reward_workers=1",
 ]
 
+ONE_STEP = [  # Sizes only, for real-model commands; every mode's scope, as gin files scope them.
+    *(f"--gin.{scope}RunConfig.steps=1" for scope in ("", "sft/", "stage1/", "stage2/")),
+    "--gin.RunConfig.batch_prompts=2", "--gin.RunConfig.samples_per_prompt=1",
+    "--gin.RunConfig.max_new_tokens=8", "--gin.RunConfig.reward_workers=1",
+    "--gin.eval_config.num_problems=2", "--gin.eval_config.batch_size=2",
+]
+
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu",  # This checkout's package, from any cwd.
            PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))

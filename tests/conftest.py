@@ -29,8 +29,8 @@ def pytest_unconfigure(config):
 
 # Files whose tests take minutes, scheduled first (in this order), so that the two pytest-xdist
 # workers (`--dist loadfile`) finish together instead of one running them alone at the end.
-_LONG_FIRST = ("test_readme_commands.py", "test_resilience.py", "test_main.py",
-               "test_modes.py")
+_LONG_FIRST = ("test_readme_commands.py", "test_quickstart.py", "test_resilience.py",
+               "test_main.py", "test_modes.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,9 +20,9 @@ import pathlib
 import re
 
 import gguf
-import numpy as np
 import pytest
 
+from score_jax import gguf_file
 from score_jax import loading
 from score_jax import vocab as vocab_lib
 
@@ -65,7 +65,7 @@ def _reference(name: str):
 def _ours(name: str) -> tuple[vocab_lib.Vocabulary, dict[str, int]]:
   """Our vocabulary of a shipped model, and {token as the GGUF spells it: id}."""
   path = loading.shipped_gguf(name)
-  tokens = vocab_lib.read_gguf_metadata(path, {"tokenizer.ggml.tokens"})["tokenizer.ggml.tokens"]
+  tokens = gguf_file.read_metadata(path, {"tokenizer.ggml.tokens"})["tokenizer.ggml.tokens"]
   return vocab_lib.from_gguf(path), {token: i for i, token in enumerate(tokens)}
 
 
@@ -214,38 +214,6 @@ def _write_gguf(path: pathlib.Path, fill) -> pathlib.Path:
   writer.write_kv_data_to_file()
   writer.close()
   return path
-
-
-def test_read_gguf_metadata_matches_gguf_reader(tmp_path):
-  def fill(w):
-    w.add_uint32("t.u32", 7)
-    w.add_int8("t.i8", -3)
-    w.add_float32("t.f32", 0.5)
-    w.add_bool("t.bool", True)
-    w.add_string("t.str", "héllo ▁")
-    w.add_array("t.ints", [1, 2, 3])
-    w.add_array("t.floats", [0.25, -1.0])
-    w.add_array("t.strs", ["a", " b", ""])
-  path = _write_gguf(tmp_path / "t.gguf", fill)
-  ours = vocab_lib.read_gguf_metadata(path)
-  ref = gguf.GGUFReader(path)
-  keys = [k for k in ref.fields if not k.startswith("GGUF.")]
-  assert sorted(ours) == sorted(keys)
-  for key in keys:
-    value = ours[key]
-    value = value.tolist() if isinstance(value, np.ndarray) else value
-    assert value == ref.fields[key].contents()
-  assert vocab_lib.read_gguf_metadata(path, {"t.strs", "t.bool"}) == {
-      "t.strs": ["a", " b", ""], "t.bool": True}
-
-
-def test_read_gguf_metadata_rejects_other_files(tmp_path):
-  (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all")
-  with pytest.raises(ValueError, match="not a GGUF file"):
-    vocab_lib.from_gguf(tmp_path / "x.gguf")
-  (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x00")
-  with pytest.raises(ValueError, match="bad GGUF metadata"):
-    vocab_lib.read_gguf_metadata(tmp_path / "cut.gguf")
 
 
 def _byte_level_gguf(path: pathlib.Path, pre: str,
