@@ -5,6 +5,7 @@ import glob
 import json
 import os
 
+from etils import epath
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
@@ -54,6 +55,22 @@ def test_a_resumed_run_appends(tmp_path):
     assert [json.loads(line)["step"] for line in f] == [1, 2]
   # Two event files (one per writer); their names need not sort in the order written.
   assert sorted(read_events(tmp_path)["loss"]) == [(1, 1.0), (2, 2.0)]
+
+
+def test_object_stores_get_the_file_rewritten_whole(tmp_path, monkeypatch):
+  assert not metric_writers.appendable(epath.Path("gs://bucket/run/metrics.jsonl"))
+  assert metric_writers.appendable(epath.Path(tmp_path) / "metrics.jsonl")
+  monkeypatch.setattr(metric_writers, "appendable", lambda path: False)
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 1.0}\n')  # An earlier run's.
+  writer = metric_writers.MetricsWriter(str(tmp_path), total_steps=3, start_step=1)
+  writer.write(2, {"loss": 2.0}, console=False)  # Within REMOTE_FLUSH_S: not yet written.
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1]
+  monkeypatch.setattr(metric_writers, "REMOTE_FLUSH_S", 0.0)
+  writer.write(3, {"loss": 3.0}, console=False)
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
+  writer.close()
+  assert [json.loads(l)["loss"] for l in path.read_text().splitlines()] == [1.0, 2.0, 3.0]
 
 
 def test_other_processes_write_nothing(tmp_path, capsys):
