@@ -29,6 +29,8 @@ def pytest_unconfigure(config):
 
 # Files whose tests take minutes, scheduled first (in this order), so that the two pytest-xdist
 # workers (`--dist loadfile`) finish together instead of one running them alone at the end.
+# xdist keeps this order only with --no-loadscope-reorder (the Makefile's test target); by
+# default it runs the files with the most tests first, which puts these last.
 _LONG_FIRST = ("test_readme_commands.py", "test_quickstart.py", "test_resilience.py",
                "test_main.py", "test_modes.py")
 
