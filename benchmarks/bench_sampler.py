@@ -408,7 +408,7 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   head_fn = jax.jit(lambda p, h: model_lib.logits_of(cfg, p[0], h))
   choose_fn = jax.jit(lambda logits, key: method.choose(logits, key)[0])
   step_fn = jax.jit(step, donate_argnums=3)
-  key = jax.random.PRNGKey(0)
+  key = sampler_lib.token_key(jax.random.PRNGKey(0))  # The decode loop's kind of key.
   for batch in job["batches"]:
     tok = jnp.zeros((batch, 1), jnp.int32)
     pos = jnp.full((batch, 1), pos_value, jnp.int32)

@@ -208,12 +208,9 @@ class RL:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SampledSFT:
-  """Shared parts of the SFT objectives on model samples (STaR, Pair-SFT)."""
+class _SampledSFT(SFT):
+  """SFT on model samples (STaR, Pair-SFT): SFT's loss, batches from checked samples."""
   uses_pool = True
-
-  def make_loss(self, model_cfg, cfg):
-    return functools.partial(ts.sft_loss, model_cfg=model_cfg, chunk_len=cfg.logprob_chunk_len)
 
   def _sample(self, ctx, params, examples, rng):
     """A rollout of `params` and its rewards [B, K] (checked by the pool)."""
@@ -253,10 +250,6 @@ class PairSFT(_SampledSFT):
   name: str = "pair_sft"
   use_reference_solution: bool = True
 
-  def group_size(self, cfg):
-    del cfg
-    return 1
-
   def next_batch(self, ctx, state, examples, rng, step):
     del step
     ro, rewards = self._sample(ctx, state.ref_params, examples, rng)
@@ -272,6 +265,3 @@ class PairSFT(_SampledSFT):
     metrics = dict(_rollout_metrics(ro, rewards),
                    kept_fraction=float(np.mean([p is not None for p in pairs])))
     return partitioning.host_local_to_global(batch, ctx.mesh), metrics
-
-  def training_reward(self, metrics):
-    return -float(metrics["loss"])

@@ -132,6 +132,15 @@ def _attempt_views(state: SamplingState, num_attempts: int, max_new_tokens: int,
   return jnp.stack(toks), jnp.stack(lps), jnp.stack(masks), jnp.stack(lengths)
 
 
+def token_key(rng: Array) -> Array:
+  """The typed "rbg" key the decode loop draws its per-token random numbers from.
+
+  XLA's RngBitGenerator: threefry costs more than the logits themselves for a 262k vocabulary
+  on a CPU. Reproducible per backend.
+  """
+  return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+
+
 def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Array,
            rng: Array, *, model_cfg: model_lib.ModelConfig, method: sampling.Method,
            num_attempts: int, max_new_tokens: int, eot_id: int, pad_id: int,
@@ -175,9 +184,7 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       logprobs=jnp.zeros((batch, total), jnp.float32), pos=prompt_lengths.astype(jnp.int32),
       cache=cache,
       next_logits=model_lib.logits_of(model_cfg, params, hidden[rows, prompt_lengths - 1]),
-      # Per-token random numbers from XLA's RngBitGenerator ("rbg" keys): threefry costs more
-      # than the logits themselves for a 262k vocabulary on a CPU. Reproducible per backend.
-      rng=jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg"))
+      rng=token_key(rng))
 
   if unroll_decode is None:
     unroll_decode = jax.default_backend() == "cpu"
