@@ -31,8 +31,7 @@ def pytest_unconfigure(config):
 # workers (`--dist loadfile`) finish together instead of one running them alone at the end.
 # xdist keeps this order only with --no-loadscope-reorder (the Makefile's test target); by
 # default it runs the files with the most tests first, which puts these last.
-_LONG_FIRST = ("test_readme_commands.py", "test_quickstart.py", "test_resilience.py",
-               "test_main.py", "test_modes.py")
+_LONG_FIRST = ("test_quickstart.py", "test_resilience.py", "test_main.py", "test_modes.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,9 @@
 The commands are read from README.md's code blocks, so the test follows the documentation. They
 run in order in one scratch directory (so relative work dirs such as 'workdirs/stage1' chain the
 stages as in the README), each with size overrides only (`cli.ONE_STEP`: one step, 2 prompts x
-1 sample, 8 new tokens, 2 evaluation problems). `make quickstart` is tests/test_quickstart.py.
+1 sample, 8 new tokens, 2 evaluation problems). `make quickstart` is tests/test_quickstart.py,
+which runs the same Stage I -> Stage II -> evaluation chain (SmolLM2, GSM8K) in `make test`; the
+commands as the README writes them run in `make test-all` (slow: ~4 minutes of CI's budget).
 """
 
 import json
@@ -59,6 +61,7 @@ def _workdir(argv: list[str]) -> str:
   raise AssertionError(f"{shlex.join(argv)} sets no WORKDIR")
 
 
+@pytest.mark.slow  # ~4 min; `make test` runs the same chain on SmolLM2/GSM8K as the quickstart.
 def test_every_command_ran_and_wrote_its_outputs(ran):
   cwd, results = ran
   modes = set()
