@@ -10,7 +10,7 @@ Every step's metrics become
                            the time left, formatted by tqdm (`progress_line`).
 In a multi-host run only process 0 writes; the other processes' writers do nothing. Work dirs
 on object stores (gs://; through etils.epath) cannot be appended to: there metrics.jsonl is
-rewritten whole, at most every `REMOTE_FLUSH_S` seconds and on close, and TensorBoard writes
+rewritten whole, at most every `REMOTE_FLUSH_S` seconds, at each checkpoint and on close, and TensorBoard writes
 through its own file system layer (gs:// needs gcsfs installed).
 """
 
@@ -69,6 +69,12 @@ class MetricsWriter:
       print(progress_line(step, self._total, time.time() - self._t0, initial=self._start,
                           shown=shown), file=sys.stderr, flush=True)
 
+  def flush(self) -> None:
+    """Writes out what metrics.jsonl holds only in memory (object stores), e.g. with a
+    checkpoint, so that a crash loses no step the checkpoint has."""
+    if self._on:
+      self._jsonl.flush()
+
   def close(self) -> None:
     if self._on:
       self._jsonl.close()
@@ -100,14 +106,15 @@ class _JsonLines:
       return
     self._lines.append(line)
     if time.time() - self._flushed >= REMOTE_FLUSH_S:
-      self._rewrite()
+      self.flush()
 
-  def _rewrite(self) -> None:
-    self._path.write_text("".join(self._lines))
-    self._flushed = time.time()
+  def flush(self) -> None:
+    if self._lines is not None:
+      self._path.write_text("".join(self._lines))
+      self._flushed = time.time()
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
     else:
-      self._rewrite()
+      self.flush()

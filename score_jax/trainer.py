@@ -281,6 +281,7 @@ def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params:
         if (step + 1) % cfg.checkpoint_every == 0 or last or preempted:
           ckpt.save(step + 1, state, {"data": data.get_state(), "mode": mode.name,
                                       "recent_rewards": smoothed.values()}, reward=reward)
+          writer.flush()
         if preempted and not last:
           ckpt.wait()
           raise preemption.Preempted(f"SIGTERM: saved step {step + 1} of {cfg.steps} in "

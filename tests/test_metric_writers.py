@@ -66,6 +66,8 @@ def test_object_stores_get_the_file_rewritten_whole(tmp_path, monkeypatch):
   writer = metric_writers.MetricsWriter(str(tmp_path), total_steps=3, start_step=1)
   writer.write(2, {"loss": 2.0}, console=False)  # Within REMOTE_FLUSH_S: not yet written.
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1]
+  writer.flush()  # As at a checkpoint.
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
   monkeypatch.setattr(metric_writers, "REMOTE_FLUSH_S", 0.0)
   writer.write(3, {"loss": 3.0}, console=False)
   assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 3]
