@@ -383,6 +383,9 @@ def _tunix(job: dict[str, Any]) -> dict[str, Any]:
               tokens=result.pop("out").tolist())
 
 
+_FEW_SLOTS = 8  # The profile's second span: the layers' cost without attention's.
+
+
 def _profile(job: dict[str, Any]) -> dict[str, Any]:
   """Our decode step, its parts timed alone, and this machine's peaks, at each batch."""
   cfg, params, _ = loading.load(job["model"])
@@ -394,11 +397,11 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
          "matmul_flops": yardsticks.matmul_flops_per_s(2048), "span": span, "batches": {}}
 
   # The decode step as the sampler runs it on a CPU: the layers unrolled on weight slices
-  # taken once per call (`unroll_decode`), here once for all steps.
+  # taken once per call (`unroll_decode`), here once for all steps, a cache buffer per layer.
   params = (params, model_lib.unstack_layers(cfg, params))
 
   def layers(p, tok, pos, cache):
-    return model_lib.apply(cfg, p[0], tok, pos, cache, span, p[1])
+    return model_lib.apply(cfg, p[0], tok, pos, cache, None, p[1])  # all its slots
 
   def step(p, tok, pos, cache, key):
     hidden, cache = layers(p, tok, pos, cache)
@@ -412,7 +415,7 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   for batch in job["batches"]:
     tok = jnp.zeros((batch, 1), jnp.int32)
     pos = jnp.full((batch, 1), pos_value, jnp.int32)
-    state = {"cache": model_lib.init_cache(cfg, batch, span)}
+    state = {"cache": model_lib.init_cache(cfg, batch, span, per_layer=True)}
 
     def with_cache(fn):
       def call():
@@ -420,12 +423,20 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
         return out
       return call
 
+    short = {"cache": model_lib.init_cache(cfg, batch, _FEW_SLOTS, per_layer=True)}
+
+    def layers_short():  # The same layers attending only a few slots: attention ~free.
+      out, short["cache"] = layers_fn(  # pylint: disable=cell-var-from-loop
+          params, tok, pos, short["cache"])
+      return out
+
     hidden, state["cache"] = layers_fn(params, tok, pos, state["cache"])
     last = hidden[:, 0]
     logits = head_fn(params, last)
     repeats = job["repeats"]
     out["batches"][batch] = {
         "layers": yardsticks.median_seconds(with_cache(layers_fn), repeats),
+        "layers_short": yardsticks.median_seconds(layers_short, repeats),
         "head": yardsticks.median_seconds(
             lambda: head_fn(params, last), repeats),  # pylint: disable=cell-var-from-loop
         "choose": yardsticks.median_seconds(lambda: choose_fn(logits, key), repeats),
@@ -538,7 +549,8 @@ def _print_profile(p: dict[str, Any], batches: Sequence[int]) -> None:
     memory_s, compute_s = b["bytes"] / p["bandwidth"], b["flops"] / p["matmul_flops"]
     bound = max(memory_s, compute_s)
     print(f"  batch {batch}: step {b['step'] * 1e3:.1f} ms; alone: layers "
-          f"{b['layers'] * 1e3:.1f} ms, output head {b['head'] * 1e3:.1f} ms, token choice "
+          f"{b['layers'] * 1e3:.1f} ms (attending {_FEW_SLOTS} slots: "
+          f"{b['layers_short'] * 1e3:.1f} ms), output head {b['head'] * 1e3:.1f} ms, token choice "
           f"{b['choose'] * 1e3:.1f} ms; floor {bound * 1e3:.1f} ms "
           f"(bytes {b['bytes'] / 1e9:.2f} GB / bandwidth = {memory_s * 1e3:.1f} ms, "
           f"FLOPs {b['flops'] / 1e9:.1f} G / matmul peak = {compute_s * 1e3:.1f} ms): "
