@@ -35,7 +35,7 @@ ablations: $(STAMP)
 
 # Two test processes (pytest-xdist), a file's tests in one of them (module fixtures built once).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 -m "not slow" tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
