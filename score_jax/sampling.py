@@ -12,6 +12,7 @@ compiled sampler is specialised to one (greedy decoding pays for no random numbe
 """
 
 import dataclasses
+import math
 from typing import Optional, Union
 
 import jax
@@ -77,8 +78,30 @@ class Sampling:
 
   def choose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
     log_probs = self.log_probs(logits)
-    tokens = jnp.argmax(log_probs + jax.random.gumbel(rng, log_probs.shape), axis=-1)
+    tokens = categorical(rng, log_probs)
     return tokens, _take(log_probs, tokens)
+
+
+def categorical(rng: Array, log_probs: Array) -> Array:
+  """A token drawn from each row of `log_probs` [..., V] (normalised or not), by Gumbel-max in
+  two levels: a block of ~sqrt(V) tokens by its total probability, then a token in it.
+
+  P(block) * P(token | block) is exactly P(token), as with one Gumbel per token, but it draws
+  ~2 sqrt(V) random numbers per row instead of V (512 + 512 for Gemma's 262k vocabulary: the
+  draw had cost more than the output head on a CPU).
+  """
+  *lead, v = log_probs.shape
+  size = max(1, math.isqrt(v))
+  num_blocks = -(-v // size)
+  padded = jnp.pad(log_probs, [(0, 0)] * len(lead) + [(0, num_blocks * size - v)],
+                   constant_values=-jnp.inf)
+  blocks = padded.reshape(*lead, num_blocks, size)
+  block_rng, token_rng = jax.random.split(rng)
+  block = jnp.argmax(jax.nn.logsumexp(blocks, axis=-1)
+                     + jax.random.gumbel(block_rng, (*lead, num_blocks)), axis=-1)
+  inside = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
+  token = jnp.argmax(inside + jax.random.gumbel(token_rng, (*lead, size)), axis=-1)
+  return block * size + token
 
 
 Method = Union[Greedy, Sampling]
