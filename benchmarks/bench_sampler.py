@@ -397,7 +397,7 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
          "matmul_flops": yardsticks.matmul_flops_per_s(2048), "span": span, "batches": {}}
 
   # The decode step as the sampler runs it on a CPU: the layers unrolled on weight slices
-  # taken once per call (`unroll_decode`), here once for all steps, a cache buffer per layer.
+  # taken once per call (`unroll_decode`), here once for all steps.
   params = (params, model_lib.unstack_layers(cfg, params))
 
   def layers(p, tok, pos, cache):
@@ -415,7 +415,7 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   for batch in job["batches"]:
     tok = jnp.zeros((batch, 1), jnp.int32)
     pos = jnp.full((batch, 1), pos_value, jnp.int32)
-    state = {"cache": model_lib.init_cache(cfg, batch, span, per_layer=True)}
+    state = {"cache": model_lib.init_cache(cfg, batch, span)}
 
     def with_cache(fn):
       def call():
@@ -423,7 +423,7 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
         return out
       return call
 
-    short = {"cache": model_lib.init_cache(cfg, batch, _FEW_SLOTS, per_layer=True)}
+    short = {"cache": model_lib.init_cache(cfg, batch, _FEW_SLOTS)}
 
     def layers_short():  # The same layers attending only a few slots: attention ~free.
       out, short["cache"] = layers_fn(  # pylint: disable=cell-var-from-loop

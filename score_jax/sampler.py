@@ -17,8 +17,7 @@ conversation, and the cache is written without any scatter.
 
 Cost of a decode step. The KV cache lives in the loop carry and each layer writes its one new
 key/value per row in place (no copy of the cache per token); the layers' weights are sliced
-off their stack once per call, not once per token (`model.apply(..., layers=...)`, with one
-cache buffer per layer: nothing copied out of a stack inside the loop); prompts
+off their stack once per call, not once per token (`model.apply(..., layers=...)`); prompts
 are prefilled without logits except at each prompt's last position; attention reads only the
 slots an attempt can have reached (`attend_len`, static per attempt), not the whole buffer;
 the cache may be kept in bfloat16 (`cache_dtype`).
@@ -158,10 +157,9 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
     rng: PRNG key (unused by greedy decoding).
     method: how tokens are chosen (`sampling.Greedy()` or `sampling.Sampling(...)`).
     cache_dtype: dtype of the KV cache; None: the model's compute dtype.
-    unroll_decode: decode with the layers unrolled on weight slices taken once per call,
-      each layer with its own cache buffer (faster on CPUs, whose XLA copies a scanned
-      layer's weights, and a stacked cache's layer, out of the stack at every step) rather
-      than scanned over the stack (one layer's code, less memory: what
+    unroll_decode: decode with the layers unrolled on weight slices taken once per call
+      (faster on CPUs, whose XLA copies a scanned layer's weights out of the stack at every
+      step) rather than scanned over the stack (one layer's code, less memory: what
       accelerators want). None: unrolled on a CPU backend only.
   """
   batch, prompt_len = prompts.shape
@@ -171,20 +169,14 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
 
   # Matrices in the compute dtype once, rather than converted at every use in the loop.
   params = jax.tree.map(lambda w: w.astype(model_cfg.dtype) if w.ndim > 1 else w, params)
-  if unroll_decode is None:
-    unroll_decode = jax.default_backend() == "cpu"
-  layers = model_lib.unstack_layers(model_cfg, params) if unroll_decode else None
-  # Unrolled layers each attend their own cache buffer (no copy out of a stack per token).
-  cache = model_lib.init_cache(model_cfg, batch, total, cache_dtype, per_layer=unroll_decode)
-  kv_axes = (model_lib.A_BATCH, model_lib.A_KV_HEADS, None, None)
-  constrain = lambda kv: nn.with_logical_constraint(kv, (None,) * (kv.ndim - 4) + kv_axes)
-  cache = dataclasses.replace(cache, k=jax.tree.map(constrain, cache.k),
-                              v=jax.tree.map(constrain, cache.v))
+  cache = model_lib.init_cache(model_cfg, batch, total, cache_dtype)
+  kv_axes = (None, model_lib.A_BATCH, model_lib.A_KV_HEADS, None, None)
+  cache = dataclasses.replace(cache, k=nn.with_logical_constraint(cache.k, kv_axes),
+                              v=nn.with_logical_constraint(cache.v, kv_axes))
   # Prefill: logits only at each prompt's last token, which predicts its first new token.
   slots = jnp.arange(prompt_len)
   positions = jnp.where(slots < prompt_lengths[:, None], slots, -1)
-  hidden, cache = model_lib.apply(model_cfg, params, prompts, positions, cache, prompt_len,
-                                  layers)
+  hidden, cache = model_lib.apply(model_cfg, params, prompts, positions, cache, prompt_len)
   tokens = jnp.full((batch, total), pad_id, jnp.int32).at[:, :prompt_len].set(prompts)
   tokens = jnp.where(jnp.arange(total) < prompt_lengths[:, None], tokens, pad_id)
   state = SamplingState(
@@ -194,6 +186,9 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       next_logits=model_lib.logits_of(model_cfg, params, hidden[rows, prompt_lengths - 1]),
       rng=token_key(rng))
 
+  if unroll_decode is None:
+    unroll_decode = jax.default_backend() == "cpu"
+  layers = model_lib.unstack_layers(model_cfg, params) if unroll_decode else None
   decode = functools.partial(_decode_attempt, params=params, layers=layers,
                              model_cfg=model_cfg, method=method, max_new_tokens=max_new_tokens, eot_id=eot_id,
                              pad_id=pad_id)
@@ -205,7 +200,7 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       chunk = jnp.broadcast_to(instruction, (batch, n_instr))
       positions = state.pos[:, None] + jnp.arange(n_instr)
       hidden, cache = model_lib.apply(model_cfg, params, chunk, positions, state.cache,
-                                      reach + n_instr, layers)
+                                      reach + n_instr)
       state = dataclasses.replace(
           state, tokens=_write(state.tokens, state.pos, chunk), pos=state.pos + n_instr,
           cache=cache, next_logits=model_lib.logits_of(model_cfg, params, hidden[:, -1]))

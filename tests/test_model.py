@@ -129,22 +129,3 @@ def test_unrolled_apply_on_unstacked_layers_equals_scanned(params):
   assert float(jnp.abs(cache_a.k[:, :, :, :9]).min(axis=-1).max()) > 0  # the cache was written
   np.testing.assert_array_equal(cache_b.pos[:, :9], POSITIONS)
   assert int(cache_b.used) == 9 and (np.asarray(cache_b.pos[:, 9:]) == -1).all()
-
-
-def test_per_layer_cache_equals_stacked_cache(params):
-  """The unrolled layers on one cache buffer per layer: the same hidden states and keys as the
-  scanned layers on a stacked cache, through a prefill and then a decode step."""
-  layers = model_lib.unstack_layers(CFG, params)
-  stacked, per_layer = model_lib.init_cache(CFG, 2, 12), model_lib.init_cache(CFG, 2, 12,
-                                                                           per_layer=True)
-  assert isinstance(per_layer.k, tuple) and len(per_layer.k) == CFG.num_layers
-  step = (jnp.array([[5], [7]]), POSITIONS[:, -1:] + 1)
-  for tokens, positions in ((TOKENS, POSITIONS), step):
-    want, stacked = model_lib.apply(CFG, params, tokens, positions, stacked)
-    got, per_layer = model_lib.apply(CFG, params, tokens, positions, per_layer, layers=layers)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(jnp.stack(per_layer.k), stacked.k, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(jnp.stack(per_layer.v), stacked.v, rtol=1e-5, atol=1e-5)
-  assert int(per_layer.used) == 10
-  with pytest.raises(ValueError, match="per-layer cache"):
-    model_lib.apply(CFG, params, *step, per_layer)  # scanned layers cannot index a tuple
