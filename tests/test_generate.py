@@ -127,19 +127,22 @@ def test_an_attempt_ends_at_the_formats_stop_token(toy_model):
   vocab = toy_model.vocab
   ids, instruction_ids = vocab.encode("1+2\n"), vocab.encode("check:\n")
   # Sampled (a fixed seed draws the same tokens up to the stop), so the tokens vary.
-  sample = lambda stop, k: generate.generate(
+  sample = lambda stop, k, seed: generate.generate(
       toy_model, ids, instruction_ids, stop, num_attempts=k, max_new_tokens=16,
-      method=sampling.Sampling(1.0), seed=1)
-  free = sample(-1, 1)[0]  # -1: no token stops it.
+      method=sampling.Sampling(1.0), seed=seed)
+  # The first seed whose free run (-1: no token stops it) draws 16 characters: the random
+  # model also draws its special tokens, which decode to no text.
+  seed, free = next((s, a[0]) for s in range(64) if len(vocab.encode(
+      (a := sample(-1, 1, s))[0].text)) == 16)
   tokens = vocab.encode(free.text)
-  assert len(tokens) == 16 and not free.stopped
+  assert free.num_tokens == 16 and not free.stopped
   # Stop on a token that the free run first emits after its first position.
   cut = next(i for i, t in enumerate(tokens) if i > 0 and t not in tokens[:i])
   fmt = chat.ChatFormat(name="test", user_turn="{text}\n", after_answer="",
                         stop_token=vocab.decode([tokens[cut]]))
   stop = chat.stop_token_id(fmt, vocab)
   assert stop == tokens[cut] != vocab.eot_id
-  attempts = sample(stop, 2)
+  attempts = sample(stop, 2, seed)
   assert attempts[0] == generate.Attempt(vocab.decode(tokens[:cut]), cut + 1, True)
   rendered = generate.render_conversation(fmt, "1+2", attempts, "check:")
   second = attempts[1].text + (fmt.stop_token if attempts[1].stopped else "")
