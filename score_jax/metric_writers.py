@@ -10,8 +10,8 @@ Every step's metrics become
                            the time left, formatted by tqdm (`progress_line`).
 In a multi-host run only process 0 writes; the other processes' writers do nothing. Work dirs
 on object stores (gs://; through etils.epath) cannot be appended to: there metrics.jsonl is
-rewritten whole, at most every `REMOTE_FLUSH_S` seconds, at each checkpoint and on close, and TensorBoard writes
-through its own file system layer (gs:// needs gcsfs installed).
+rewritten whole, at most every `REMOTE_FLUSH_S` seconds, at each checkpoint and on close, and
+TensorBoard writes through its own file system layer (gs:// needs gcsfs installed).
 """
 
 import json

@@ -190,8 +190,8 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
     unroll_decode = jax.default_backend() == "cpu"
   layers = model_lib.unstack_layers(model_cfg, params) if unroll_decode else None
   decode = functools.partial(_decode_attempt, params=params, layers=layers,
-                             model_cfg=model_cfg, method=method, max_new_tokens=max_new_tokens, eot_id=eot_id,
-                             pad_id=pad_id)
+                             model_cfg=model_cfg, method=method, max_new_tokens=max_new_tokens,
+                             eot_id=eot_id, pad_id=pad_id)
   for k in range(1, num_attempts + 1):
     # Slots filled by the end of attempt k, at most (static): the attention span.
     reach = prompt_len + k * max_new_tokens + (k - 1) * n_instr

@@ -132,9 +132,11 @@ def test_an_attempt_ends_at_the_formats_stop_token(toy_model):
       method=sampling.Sampling(1.0), seed=seed)
   # The first seed whose free run (-1: no token stops it) draws 16 characters: the random
   # model also draws its special tokens, which decode to no text.
-  seed, free = next((s, a[0]) for s in range(64) if len(vocab.encode(
-      (a := sample(-1, 1, s))[0].text)) == 16)
-  tokens = vocab.encode(free.text)
+  for seed in range(64):
+    free = sample(-1, 1, seed)[0]
+    tokens = vocab.encode(free.text)
+    if len(tokens) == 16:
+      break
   assert free.num_tokens == 16 and not free.stopped
   # Stop on a token that the free run first emits after its first position.
   cut = next(i for i, t in enumerate(tokens) if i > 0 and t not in tokens[:i])
