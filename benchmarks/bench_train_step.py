@@ -29,9 +29,10 @@ larger matmul figure. Remat and the chunked log-probs' recomputation are real wo
 count leaves out (it is model FLOPs, not hardware FLOPs).
 
 --breakdown. A few real Stage II steps of the trainer (`python -m score_jax.main`, SmolLM2 +
-GSM8K, 2 prompts x 2 samples, 2 x 32 new tokens, from the base model) in a temporary work dir;
-the mean over the steps after the first (which compiles) of its metrics.jsonl times: sample_s,
-reward_wait_s, reward_s, step_time_s. The trainer dispatches the reference forward before
+GSM8K, 2 prompts x 2 samples, 2 x 32 new tokens, from the base model, prompts padded to 320
+tokens: `prompt_bucket` None, so that every step has the shapes timed alone) in a temporary
+work dir; the mean over the steps after the first (which compiles) of its metrics.jsonl times:
+sample_s, reward_wait_s, reward_s, step_time_s. The trainer dispatches the reference forward before
 waiting for the rewards and does not time it, nor the train step alone; both are timed here
 alone on a batch of the same shape.
 """
@@ -200,6 +201,7 @@ def _throughput() -> None:
 def _trainer_metrics(workdir: str, steps: int) -> list[dict[str, Any]]:
   args = ["--gin_file=stage2.gin", "--gin_file=tasks/gsm8k.gin",
           "--gin_file=models/smollm2_135m.gin", f"--gin.WORKDIR='{workdir}'",
+          "--gin.WITHOUT_STAGE1=True", "--gin.RunConfig.prompt_bucket=None",
           f"--gin.stage2/RunConfig.steps={steps}",
           f"--gin.RunConfig.batch_prompts={_BD_PROMPTS}",
           f"--gin.RunConfig.samples_per_prompt={_BD_SAMPLES}",

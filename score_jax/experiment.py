@@ -195,7 +195,8 @@ def evaluate_policy(task: tasks.Task, examples: Sequence[tasks.Example],
   with partitioning.with_mesh_and_rules(mesh, rules):
     sampler = policy.conv.make_sampler(policy.model_cfg, num_attempts=num_attempts,
                                        max_new_tokens=run_cfg.max_new_tokens,
-                                       max_prompt_len=run_cfg.max_prompt_len, mesh=mesh)
+                                       max_prompt_len=run_cfg.max_prompt_len, mesh=mesh,
+                                       **trainer.sampler_options(run_cfg))
     with trainer.make_pool(run_cfg.reward_workers) as pool:
       return evaluation.evaluate(policy.conv, sampler, params, task, examples, pool,
                                  batch_size=cfg["batch_size"],

@@ -184,7 +184,8 @@ class RL:
     if offline:
       ro = rollout_lib.concatenate(ro, rollout_lib.generate_after_first(
           ctx.conv, ctx.sampler, ctx.after_first_sampler, state.ref_params, state.params,
-          offline, jax.random.fold_in(rng, 1), method, cfg.samples_per_prompt))
+          offline, jax.random.fold_in(rng, 1), method, cfg.samples_per_prompt),
+          ctx.conv.vocab.pad_id)
     t_sampled = time.time()
     rewards_future = rollout_lib.score(ctx.pool, ctx.task, ro, cfg.truncated_reward)
     batch = partitioning.host_local_to_global(

@@ -80,9 +80,10 @@ def generate(conv: Conversation, sampler: sampler_lib.Sampler, params: Any,
   return Rollout(repeated, out, conv.decode_attempts(out), conv.truncated(out))
 
 
-def concatenate(a: Rollout, b: Rollout) -> Rollout:
-  """The rows of `a`, then those of `b` (numpy outputs)."""
-  return Rollout(a.examples + b.examples, sampler_lib.concatenate([a.output, b.output]),
+def concatenate(a: Rollout, b: Rollout, pad_id: int) -> Rollout:
+  """The rows of `a`, then those of `b` (numpy outputs; the shorter buffer padded)."""
+  return Rollout(a.examples + b.examples,
+                 sampler_lib.concatenate([a.output, b.output], pad_id),
                  a.texts + b.texts, np.concatenate([a.truncated, b.truncated]))
 
 
@@ -95,7 +96,7 @@ def generate_after_first(conv: Conversation, first_sampler: sampler_lib.Sampler,
 
   `first_sampler` samples two attempts (the second is dropped); `second_sampler` samples one,
   with room for the prompt, attempt 1 and the instruction as its prompt (max_prompt_len =
-  P + N + L, hence the same buffer length). In the result attempt 1's tokens are context
+  P + N + L, hence at most the same buffer length). In the result attempt 1's tokens are context
   (attempt id 0: `params` did not write them) and attempt 2's carry id 2; texts, truncation and
   the per-attempt views hold both attempts.
   """

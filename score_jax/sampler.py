@@ -213,19 +213,31 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
                       attempt_lengths=att_lengths)
 
 
-def concatenate(outputs: Sequence[SampleOutput]) -> SampleOutput:
-  """The rows of several outputs (of one buffer length), in order, as numpy arrays."""
-  rows = lambda field, axis: np.concatenate(
-      [np.asarray(getattr(o, field)) for o in outputs], axis=axis)
-  return SampleOutput(**{f.name: rows(f.name, 1 if f.name.startswith("attempt_") else 0)
-                         for f in dataclasses.fields(SampleOutput)})
+def concatenate(outputs: Sequence[SampleOutput], pad_id: int) -> SampleOutput:
+  """The rows of several outputs, in order, as numpy arrays; buffers of different lengths are
+  padded to the longest (tokens with `pad_id`, attempt ids and log-probs with 0)."""
+  total = max(np.shape(o.tokens)[1] for o in outputs)
+
+  def rows(field):
+    if field.startswith("attempt_"):  # [K, B, N]
+      return np.concatenate([np.asarray(getattr(o, field)) for o in outputs], axis=1)
+    parts = [np.asarray(getattr(o, field)) for o in outputs]
+    if field == "lengths":
+      return np.concatenate(parts)
+    fill = pad_id if field == "tokens" else 0
+    return np.concatenate([np.pad(x, ((0, 0), (0, total - x.shape[1])), constant_values=fill)
+                           for x in parts])
+  return SampleOutput(**{f.name: rows(f.name) for f in dataclasses.fields(SampleOutput)})
 
 
 class Sampler:
   """Host-side front end: pads prompts, checks sizes, calls the compiled `sample`.
 
-  One compiled program per (batch, prompt_len) shape and sampling method; calls at the same
-  shapes and method reuse it. With a `mesh`, the batch is split over its ("data", "fsdp")
+  Prompts are padded to `max_prompt_len`, or with `prompt_bucket` to the smallest multiple of
+  it that holds the call's longest prompt (at most `max_prompt_len`): the buffer, the prefill
+  and the attention span shrink with the prompts, at the price of one compiled program per
+  bucket. One compiled program per (batch, padded prompt length) and sampling method; calls at
+  the same shapes and method reuse it. `total_len` is the longest buffer a call can return. With a `mesh`, the batch is split over its ("data", "fsdp")
   axes; in a multi-host run every process passes its own prompts and gets back its own rows.
   With `max_batch`, a call with more rows runs the program on chunks of at most that many
   rows of this host, one after the other (the KV cache of a chunk must fit the devices).
@@ -235,11 +247,14 @@ class Sampler:
                max_new_tokens: int, max_prompt_len: int, instruction: Sequence[int],
                eot_id: int, pad_id: int, mesh: Optional[Mesh] = None,
                cache_dtype: Any = None, max_batch: Optional[int] = None,
-               unroll_decode: Optional[bool] = None):
+               unroll_decode: Optional[bool] = None, prompt_bucket: Optional[int] = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
     if max_batch is not None and max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if prompt_bucket is not None and prompt_bucket < 1:
+      raise ValueError(f"prompt_bucket must be >= 1, got {prompt_bucket}")
+    self.prompt_bucket = prompt_bucket
     self.max_batch = max_batch
     self.model_cfg = model_cfg
     self.max_prompt_len = max_prompt_len
@@ -279,30 +294,47 @@ class Sampler:
         jax.ShapeDtypeStruct(self.instruction.shape, jnp.int32),
         jax.ShapeDtypeStruct((2,), jnp.uint32), method=method)
 
-  def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (int32 [B, max_prompt_len] right-padded, int32 [B] lengths)."""
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if len(prompts) == 0 or lengths.min() < 1:
+  def padded_len(self, prompts: Sequence[Sequence[int]]) -> int:
+    """The prompt length a call pads `prompts` to (see the class docstring); checks them.
+
+    In a multi-host run every process must call it (its longest prompt is agreed on by all).
+    """
+    lengths = [len(p) for p in prompts]
+    if not lengths or min(lengths) < 1:
       raise ValueError("every prompt needs at least one token")
-    if lengths.max() > self.max_prompt_len:
-      raise ValueError(f"a prompt has {lengths.max()} tokens, more than max_prompt_len="
+    if max(lengths) > self.max_prompt_len:
+      raise ValueError(f"a prompt has {max(lengths)} tokens, more than max_prompt_len="
                        f"{self.max_prompt_len}; raise max_prompt_len (nothing is truncated)")
-    out = np.full((len(prompts), self.max_prompt_len), self.pad_id, np.int32)
+    if self.prompt_bucket is None:
+      return self.max_prompt_len
+    longest = max(lengths)
+    if self._mesh is not None and jax.process_count() > 1:
+      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    return min(self.max_prompt_len, -(-longest // self.prompt_bucket) * self.prompt_bucket)
+
+  def pad_prompts(self, prompts: Sequence[Sequence[int]],
+                  padded_len: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (int32 [B, padded_len] right-padded, int32 [B] lengths); `padded_len`
+    defaults to `self.padded_len(prompts)`."""
+    if padded_len is None:
+      padded_len = self.padded_len(prompts)
+    out = np.full((len(prompts), padded_len), self.pad_id, np.int32)
     for i, p in enumerate(prompts):
       out[i, :len(p)] = p
-    return out, lengths
+    return out, np.array([len(p) for p in prompts], np.int32)
 
   def __call__(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
                method: sampling.Method) -> SampleOutput:
+    padded_len = self.padded_len(prompts)  # One length for all chunks: one buffer length.
     if self.max_batch is None or len(prompts) <= self.max_batch:
-      return self._call(params, prompts, rng, method)
-    return concatenate([self._call(params, prompts[i:i + self.max_batch],
+      return self._call(params, prompts, padded_len, rng, method)
+    return concatenate([self._call(params, prompts[i:i + self.max_batch], padded_len,
                                    jax.random.fold_in(rng, i), method)
-                        for i in range(0, len(prompts), self.max_batch)])
+                        for i in range(0, len(prompts), self.max_batch)], self.pad_id)
 
-  def _call(self, params: Any, prompts: Sequence[Sequence[int]], rng: Array,
+  def _call(self, params: Any, prompts: Sequence[Sequence[int]], padded_len: int, rng: Array,
             method: sampling.Method) -> SampleOutput:
-    padded, lengths = self.pad_prompts(prompts)
+    padded, lengths = self.pad_prompts(prompts, padded_len)
     if self._mesh is None:
       return self._sample(params, padded, lengths, self.instruction, rng, method=method)
     # Pad this host's rows to a multiple of its share of the data-parallel devices.

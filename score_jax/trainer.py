@@ -73,6 +73,7 @@ class RunConfig:
   logprob_chunk_len: Optional[int] = 256  # positions per log-prob chunk (None: unchunked)
   sampler_max_batch: Optional[int] = None  # rows per sampler call (None: the whole batch)
   cache_dtype: Optional[str] = None  # KV cache dtype, e.g. "bfloat16" (None: compute dtype)
+  prompt_bucket: Optional[int] = 64  # prompts padded to a multiple of it, not max_prompt_len
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
   export: str = "best"            # "best" (by smoothed training reward) or "last"
@@ -165,14 +166,15 @@ class StepContext:
   """What a mode's `next_batch` builds its batch with (one per run)."""
   task: tasks.Task
   conv: rollout_lib.Conversation
-  sampler: sampler_lib.Sampler  # Two (num_attempts) attempts; its buffer is the batch's length.
+  sampler: sampler_lib.Sampler  # Two (num_attempts) attempts; SFT batches take its total_len.
   pool: Optional[pool_lib.RewardPool]
   cfg: RunConfig
   mesh: Any
 
   @functools.cached_property
   def after_first_sampler(self) -> sampler_lib.Sampler:
-    """One attempt after a given prompt + attempt 1 + instruction (same buffer length)."""
+    """One attempt after a given prompt + attempt 1 + instruction (at most the same buffer
+    length)."""
     s = self.sampler
     return self.conv.make_sampler(
         s.model_cfg, num_attempts=1, max_new_tokens=s.max_new_tokens,
@@ -181,8 +183,9 @@ class StepContext:
 
 
 def sampler_options(cfg: RunConfig) -> dict[str, Any]:
-  """The Sampler's memory options of a RunConfig."""
-  return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype}
+  """The Sampler's memory and padding options of a RunConfig."""
+  return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype,
+          "prompt_bucket": cfg.prompt_bucket}
 
 
 def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,

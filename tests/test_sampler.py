@@ -167,3 +167,48 @@ def test_max_batch_runs_chunks_of_rows(cfg_params):
   for field in ("tokens", "attempt", "lengths", "attempt_tokens", "attempt_mask"):
     np.testing.assert_array_equal(getattr(out, field), getattr(whole, field))
   np.testing.assert_allclose(out.logprobs, whole.logprobs, atol=1e-5)
+
+
+def test_prompt_bucket_pads_to_the_call_not_to_max_prompt_len(cfg_params):
+  """With `prompt_bucket` a call's buffer follows its longest prompt (rounded up to the bucket,
+  capped at max_prompt_len); greedy decoding writes the same conversations as with prompts
+  padded to max_prompt_len, and chunks of one call share one buffer length."""
+  cfg, params = cfg_params
+  short = [[3, 9, 4], [8], [4, 4], [2]]  # longest 3 -> padded to 4 (bucket 2), not 6
+  full = make_sampler(cfg, eot_id=3)(params, short, jax.random.PRNGKey(0), sampling.Greedy())
+  bucketed = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=MAX_NEW, max_prompt_len=6,
+                                 instruction=INSTRUCTION, eot_id=3, pad_id=PAD, prompt_bucket=2,
+                                 max_batch=2)
+  assert bucketed.padded_len(short) == 4 and bucketed.padded_len(PROMPTS) == 6
+  out = bucketed(params, short, jax.random.PRNGKey(0), sampling.Greedy())
+  t = sampler_lib.buffer_length(4, 2, MAX_NEW, len(INSTRUCTION))
+  assert np.shape(out.tokens) == (4, t) and t < np.shape(full.tokens)[1] == bucketed.total_len
+  np.testing.assert_array_equal(out.tokens, np.asarray(full.tokens)[:, :t])
+  assert (np.asarray(full.tokens)[:, t:] == PAD).all()
+  for field in ("attempt", "lengths", "attempt_tokens", "attempt_mask"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, field))[..., :t],
+                                  np.asarray(getattr(full, field))[..., :t])
+  np.testing.assert_allclose(out.logprobs, np.asarray(full.logprobs)[:, :t], atol=1e-5)
+  # The chunks [3, 9, 4], [8] and [4, 4], [2] (longest 3 and 2) were padded alike: one program.
+  assert bucketed._sample._cache_size() == 1
+  bucketed(params, PROMPTS[:2], jax.random.PRNGKey(0), sampling.Greedy())  # bucket 4 again
+  assert bucketed._sample._cache_size() == 1
+  bucketed(params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())  # 5 tokens -> 6
+  assert bucketed._sample._cache_size() == 2
+
+
+def test_concatenate_pads_shorter_buffers(cfg_params):
+  cfg, params = cfg_params
+  s = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=MAX_NEW, max_prompt_len=6,
+                          instruction=INSTRUCTION, eot_id=3, pad_id=PAD, prompt_bucket=2)
+  a = s(params, [[8]], jax.random.PRNGKey(0), sampling.Sampling(1.0))
+  b = s(params, PROMPTS[2:3], jax.random.PRNGKey(1), sampling.Sampling(1.0))
+  out = sampler_lib.concatenate([a, b], PAD)
+  ta, tb = np.shape(a.tokens)[1], np.shape(b.tokens)[1]
+  assert ta < tb and np.shape(out.tokens) == (2, tb)
+  np.testing.assert_array_equal(out.tokens[0], np.pad(np.asarray(a.tokens)[0], (0, tb - ta),
+                                                      constant_values=PAD))
+  np.testing.assert_array_equal(out.tokens[1], np.asarray(b.tokens)[0])
+  assert (out.attempt[0, ta:] == 0).all() and (out.logprobs[0, ta:] == 0).all()
+  np.testing.assert_array_equal(out.lengths, [a.lengths[0], b.lengths[0]])
+  np.testing.assert_array_equal(out.attempt_tokens[:, 1], np.asarray(b.attempt_tokens)[:, 0])
