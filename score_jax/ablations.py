@@ -16,7 +16,7 @@ REINFORCE in Stage II; SCoRe.
 
 Equal step budgets: with S = `steps`, a one-run row trains S steps from the base; a two-stage
 row trains S/2 steps of Stage I and S/2 of its second stage (Stage I is shared, so "Stage I
-only" is that S/2-step run, as in the pipeline).
+only" is that S/2-step run, as in the pipeline); `stage1_share` moves that split.
 
 One learning-rate rule for every run: lr = `learning_rate` / sqrt(w), w the range of the
 per-token weight the loss puts on log-probs: 1 for SFT objectives (STaR, Pair-SFT) and for RL
@@ -42,8 +42,9 @@ from score_jax import experiment
 from score_jax import objectives
 from score_jax import tasks
 
-# Stage I, shared by the two-stage rows: half the step budget.
-STAGE1 = ("stage1", "stage1", "base", 0.5)
+# Stage I, shared by the two-stage rows: the share "stage1" of the step budget
+# (`ablations_config.stage1_share`); their second stage has the rest ("stage2").
+STAGE1 = ("stage1", "stage1", "base", "stage1")
 # name -> (label, runs as (run, mode, start: "base" or a run, share of the step budget),
 #          the run evaluated ("base": the base model), evaluation mode).
 ROWS = {
@@ -58,13 +59,13 @@ ROWS = {
     "without_stage1": ("Stage II w/o Stage I", (("stage2_from_base", "stage2", "base", 1.0),),
                        "stage2_from_base", "eval"),
     "without_shaping": ("w/o reward shaping (alpha=0)",
-                        (STAGE1, ("stage2_alpha0", "multi_turn", "stage1", 0.5)),
+                        (STAGE1, ("stage2_alpha0", "multi_turn", "stage1", "stage2")),
                         "stage2_alpha0", "eval"),
     "stage1_only": ("Stage I only", (STAGE1,), "stage1", "eval"),
     "stage2_star": ("STaR in place of REINFORCE in Stage II",
-                    (STAGE1, ("stage2_star", "stage2_star", "stage1", 0.5)), "stage2_star",
+                    (STAGE1, ("stage2_star", "stage2_star", "stage1", "stage2")), "stage2_star",
                     "eval"),
-    "score": ("SCoRe", (STAGE1, ("stage2", "stage2", "stage1", 0.5)), "stage2", "eval"),
+    "score": ("SCoRe", (STAGE1, ("stage2", "stage2", "stage1", "stage2")), "stage2", "eval"),
 }
 METRICS = (("Acc@t1", "acc_t1"), ("Acc@t2", "acc_t2"), ("Delta(t1,t2)", "delta"),
            ("Delta i->c", "delta_i2c"), ("Delta c->i", "delta_c2i"))
@@ -102,14 +103,19 @@ def markdown_table(agg: Mapping[str, Mapping[str, tuple[float, float]]],
 
 @gin.configurable
 def ablations_config(rows: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1, 2),
-                     steps: int = 60, learning_rate: float = 1e-4) -> dict[str, Any]:
+                     steps: int = 60, learning_rate: float = 1e-4,
+                     stage1_share: float = 0.5) -> dict[str, Any]:
   """rows: keys of ROWS (None: all, in ROWS' order); steps: the training budget S of each row;
-  learning_rate: the rule's base (module docstring)."""
+  learning_rate: the rule's base (module docstring); stage1_share: the part of S that the
+  two-stage rows spend in Stage I (their second stage gets the rest)."""
   unknown = [r for r in rows or () if r not in ROWS]
   if unknown:
     raise experiment.UserError(f"unknown ablation rows {unknown}; use some of {list(ROWS)}")
+  if not 0.0 < stage1_share < 1.0:
+    raise experiment.UserError(f"ablations_config.stage1_share must be in (0, 1), got "
+                               f"{stage1_share}")
   return dict(rows=list(rows or ROWS), seeds=list(seeds), steps=steps,
-              learning_rate=learning_rate)
+              learning_rate=learning_rate, stage1_share=stage1_share)
 
 
 def _alpha(mode: str) -> float:
@@ -135,6 +141,7 @@ def run(workdir: str, task: tasks.Task) -> dict[str, dict[str, tuple[float, floa
     with open(os.path.join(out, "results.json")) as f:
       return json.load(f)
 
+  shares = {"stage1": cfg["stage1_share"], "stage2": 1.0 - cfg["stage1_share"]}
   per_seed = {ROWS[r][0]: [] for r in cfg["rows"]}
   lines = []
   for seed in cfg["seeds"]:
@@ -145,7 +152,7 @@ def run(workdir: str, task: tasks.Task) -> dict[str, dict[str, tuple[float, floa
         if not os.path.exists(os.path.join(out, "export", "selection.json")):
           experiment.run_mode(
               mode, out, task, base if start == "base" else d(f"seed{seed}", start), base,
-              steps=max(1, int(share * cfg["steps"])), seed=seed,
+              steps=max(1, round(shares.get(share, share) * cfg["steps"])), seed=seed,
               learning_rate=rule_learning_rate(cfg["learning_rate"], mode, _alpha(mode)))
       if evaluated == "base":
         metrics = evaluate(d(f"eval_{key}"), eval_mode, base)

@@ -95,7 +95,8 @@ CASES = {
                                        "--gin.scaling_config.budgets=[2, 4]"]),
     "ablations": ("ablations.gin", ["--gin.ablations_config.rows=['self_refine', 'stage1_only']",
                                     "--gin.ablations_config.seeds=[0]",
-                                    "--gin.ablations_config.steps=2"]),
+                                    "--gin.ablations_config.steps=4",
+                                    "--gin.ablations_config.stage1_share=0.25"]),
 }
 
 
@@ -119,6 +120,8 @@ def test_each_new_mode_runs_two_steps(base_dir, tmp_path, case):
     table = (work / "ablations.md").read_text()
     assert "Self-Refine" in table and "Stage I only" in table and "±" in table
     assert len((work / "per_seed.jsonl").read_text().splitlines()) == 2
+    # Stage I got its share of the 4-step budget: 1 step.
+    assert len((work / "seed0" / "stage1" / "metrics.jsonl").read_text().splitlines()) == 1
   else:
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 2 and "reward_t2" in metrics[-1]
