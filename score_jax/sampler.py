@@ -237,8 +237,9 @@ class Sampler:
   it that holds the call's longest prompt (at most `max_prompt_len`): the buffer, the prefill
   and the attention span shrink with the prompts, at the price of one compiled program per
   bucket. One compiled program per (batch, padded prompt length) and sampling method; calls at
-  the same shapes and method reuse it. `total_len` is the longest buffer a call can return. With a `mesh`, the batch is split over its ("data", "fsdp")
-  axes; in a multi-host run every process passes its own prompts and gets back its own rows.
+  the same shapes and method reuse it. `total_len` is the longest buffer a call can return.
+  With a `mesh`, the batch is split over its ("data", "fsdp") axes; in a multi-host run every
+  process passes its own prompts and gets back its own rows.
   With `max_batch`, a call with more rows runs the program on chunks of at most that many
   rows of this host, one after the other (the KV cache of a chunk must fit the devices).
   """
