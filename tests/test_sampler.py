@@ -197,18 +197,27 @@ def test_prompt_bucket_pads_to_the_call_not_to_max_prompt_len(cfg_params):
   assert bucketed._sample._cache_size() == 2
 
 
-def test_concatenate_pads_shorter_buffers(cfg_params):
-  cfg, params = cfg_params
-  s = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=MAX_NEW, max_prompt_len=6,
-                          instruction=INSTRUCTION, eot_id=3, pad_id=PAD, prompt_bucket=2)
-  a = s(params, [[8]], jax.random.PRNGKey(0), sampling.Sampling(1.0))
-  b = s(params, PROMPTS[2:3], jax.random.PRNGKey(1), sampling.Sampling(1.0))
+def test_concatenate_pads_shorter_buffers():
+  """Rows of outputs with buffers of 5 and 7 slots: the first padded (pad, attempt 0, log-prob
+  0), per-attempt views [K, B, N] joined along B."""
+  def output(tokens, attempt_tokens):
+    tokens = np.asarray(tokens, np.int32)
+    views = np.asarray(attempt_tokens, np.int32)
+    return sampler_lib.SampleOutput(
+        tokens=tokens, attempt=np.ones_like(tokens), logprobs=np.full(tokens.shape, -0.5),
+        lengths=np.full(tokens.shape[0], tokens.shape[1], np.int32), attempt_tokens=views,
+        attempt_logprobs=np.zeros(views.shape), attempt_mask=np.ones(views.shape, bool),
+        attempt_lengths=np.ones(views.shape[:2], np.int32))
+
+  a = output([[1, 2, 3, 4, 5]], [[[3, 4]], [[5, 9]]])
+  b = output([[6, 7, 8, 9, 10, 11, 12], [13] * 7], [[[8, 9], [1, 1]], [[11, 12], [2, 2]]])
   out = sampler_lib.concatenate([a, b], PAD)
-  ta, tb = np.shape(a.tokens)[1], np.shape(b.tokens)[1]
-  assert ta < tb and np.shape(out.tokens) == (2, tb)
-  np.testing.assert_array_equal(out.tokens[0], np.pad(np.asarray(a.tokens)[0], (0, tb - ta),
-                                                      constant_values=PAD))
-  np.testing.assert_array_equal(out.tokens[1], np.asarray(b.tokens)[0])
-  assert (out.attempt[0, ta:] == 0).all() and (out.logprobs[0, ta:] == 0).all()
-  np.testing.assert_array_equal(out.lengths, [a.lengths[0], b.lengths[0]])
-  np.testing.assert_array_equal(out.attempt_tokens[:, 1], np.asarray(b.attempt_tokens)[:, 0])
+  np.testing.assert_array_equal(out.tokens, [[1, 2, 3, 4, 5, PAD, PAD],
+                                             [6, 7, 8, 9, 10, 11, 12], [13] * 7])
+  np.testing.assert_array_equal(out.attempt, [[1] * 5 + [0] * 2, [1] * 7, [1] * 7])
+  np.testing.assert_array_equal(out.logprobs[0], [-0.5] * 5 + [0.0] * 2)
+  np.testing.assert_array_equal(out.lengths, [5, 7, 7])
+  np.testing.assert_array_equal(out.attempt_tokens, [[[3, 4], [8, 9], [1, 1]],
+                                                     [[5, 9], [11, 12], [2, 2]]])
+  assert out.attempt_mask.shape == out.attempt_logprobs.shape == (2, 3, 2)
+  assert out.attempt_lengths.shape == (2, 3)
