@@ -12,6 +12,7 @@ from score_jax import model as model_lib
 from score_jax import objectives
 from score_jax import sampler as sampler_lib
 from score_jax import sampling
+from score_jax import trainer
 from score_jax import train_step as ts
 
 CFG = model_lib.tiny_config(vocab_size=24)
@@ -150,3 +151,11 @@ def test_micro_batched_reference_equals_one_batch(rollout):
   np.testing.assert_allclose(
       ts.reference_logprobs(params, out.tokens, num_micro_batches=2, **kwargs),
       batch["ref_logp"], atol=1e-5)  # Other matmul shapes: float32 rounding differs.
+
+
+@pytest.mark.parametrize("bucket", [0, -64])
+def test_bad_prompt_bucket_is_a_user_error(bucket):
+  """A bad RunConfig.prompt_bucket is one line naming the setting, before any sampler exists."""
+  with pytest.raises(trainer.UserError, match="RunConfig.prompt_bucket must be >= 1"):
+    trainer.sampler_options(trainer.RunConfig(prompt_bucket=bucket))
+  assert trainer.sampler_options(trainer.RunConfig(prompt_bucket=None))["prompt_bucket"] is None
