@@ -90,7 +90,6 @@ def test_sft_loss_decreases_on_fixed_batch(rollout):
 def _check_sharded_step_matches_one_device():
   """Child process with 8 CPU devices: mesh (data, fsdp, tensor) = (2, 2, 2) vs one device."""
   from score_jax import partitioning  # pylint: disable=g-import-not-at-top
-  from score_jax import trainer  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8
   cfg = model_lib.tiny_config(vocab_size=24, num_heads=4, num_kv_heads=2)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
