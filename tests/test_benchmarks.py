@@ -20,6 +20,7 @@ from score_jax import model as model_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import bench_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
+import op_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 import yardsticks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -153,3 +154,13 @@ def test_tunix_gemma3_params_compute_our_projections():
                                   ours["attn"]["k_norm"]["scale"])
   np.testing.assert_array_equal(tree["embedder"]["input_embedding"], params["embedding"])
   np.testing.assert_array_equal(tree["final_norm"]["scale"], params["final_norm"]["scale"])
+
+
+def test_op_profile_of_the_sampler_names_its_dots():
+  compiled, args = op_profile.compiled_sampler(model_lib.tiny_config(), batch=2,
+                                                    prompt_len=4, max_new_tokens=3,
+                                                    instruction_len=2)
+  groups = op_profile.op_profile(compiled, *args)
+  assert groups and all(g.seconds >= 0 and g.calls >= 1 for g in groups)
+  assert [g.seconds for g in groups] == sorted((g.seconds for g in groups), reverse=True)
+  assert any("dot_general" in g.name for g in groups), [g.name for g in groups]
