@@ -157,9 +157,8 @@ def test_tunix_gemma3_params_compute_our_projections():
 
 
 def test_op_profile_of_the_sampler_names_its_dots():
-  compiled, args = op_profile.compiled_sampler(model_lib.tiny_config(), batch=2,
-                                                    prompt_len=4, max_new_tokens=3,
-                                                    instruction_len=2)
+  compiled, args = op_profile.compiled_sampler(model_lib.tiny_config(), batch=2, prompt_len=4,
+                                               max_new_tokens=3, instruction_len=2)
   groups = op_profile.op_profile(compiled, *args)
   assert groups and all(g.seconds >= 0 and g.calls >= 1 for g in groups)
   assert [g.seconds for g in groups] == sorted((g.seconds for g in groups), reverse=True)
