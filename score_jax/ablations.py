@@ -118,6 +118,17 @@ def ablations_config(rows: Optional[Sequence[str]] = None, seeds: Sequence[int] 
               learning_rate=learning_rate, stage1_share=stage1_share)
 
 
+def run_steps(share: Any, steps: int, stage1_share: float) -> int:
+  """Steps of a run with `share` of the budget `steps` (a fraction, or "stage1" / "stage2":
+  Stage I's rounded share and the rest, so a two-stage row trains exactly `steps`)."""
+  stage1 = max(1, round(stage1_share * steps))
+  if share == "stage1":
+    return stage1
+  if share == "stage2":
+    return max(1, steps - stage1)
+  return max(1, round(share * steps))
+
+
 def _alpha(mode: str) -> float:
   with gin.config_scope(mode):
     return objectives.objective(kind=mode).alpha if mode in objectives.KINDS else 0.0
@@ -141,7 +152,6 @@ def run(workdir: str, task: tasks.Task) -> dict[str, dict[str, tuple[float, floa
     with open(os.path.join(out, "results.json")) as f:
       return json.load(f)
 
-  shares = {"stage1": cfg["stage1_share"], "stage2": 1.0 - cfg["stage1_share"]}
   per_seed = {ROWS[r][0]: [] for r in cfg["rows"]}
   lines = []
   for seed in cfg["seeds"]:
@@ -152,7 +162,7 @@ def run(workdir: str, task: tasks.Task) -> dict[str, dict[str, tuple[float, floa
         if not os.path.exists(os.path.join(out, "export", "selection.json")):
           experiment.run_mode(
               mode, out, task, base if start == "base" else d(f"seed{seed}", start), base,
-              steps=max(1, round(shares.get(share, share) * cfg["steps"])), seed=seed,
+              steps=run_steps(share, cfg["steps"], cfg["stage1_share"]), seed=seed,
               learning_rate=rule_learning_rate(cfg["learning_rate"], mode, _alpha(mode)))
       if evaluated == "base":
         metrics = evaluate(d(f"eval_{key}"), eval_mode, base)
