@@ -274,7 +274,14 @@ class Attention(nn.Module):
     qg = q.reshape(q.shape[:2] + (cfg.num_kv_heads, groups, cfg.head_dim)).transpose(
         0, 2, 1, 3, 4)  # [B, K, S, G, H]
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    logits = _dot32("bksgh,bkth->bksgt", qg, keys.astype(cfg.dtype)) * scale
+    if cache is None:
+      logits = _dot32("bksgh,bkth->bksgt", qg, keys.astype(cfg.dtype))
+    else:  # Few queries against many cached keys: XLA:CPU's batched dot runs faster with the
+      # keys' axis first in its result (decode probes at batch 32: SmolLM2 +22%, Gemma 3
+      # +8% tokens/s); the transpose of the small result is cheap. Training shapes (as many
+      # queries as keys) are faster the other way.
+      logits = _dot32("bksgh,bkth->bktsg", qg, keys.astype(cfg.dtype)).transpose(0, 1, 3, 4, 2)
+    logits = logits * scale  # [B, K, S, G, T]
     logits = _softcap(logits, cfg.attn_logit_softcap)
     logits = jnp.where(visible[:, None, :, None], logits, -1e30)
     probs = jax.nn.softmax(logits, axis=-1)
