@@ -278,7 +278,7 @@ class Attention(nn.Module):
       logits = _dot32("bksgh,bkth->bksgt", qg, keys.astype(cfg.dtype))
     else:  # Few queries against many cached keys: XLA:CPU's batched dot runs faster with the
       # keys' axis first in its result (decode probes at batch 32: SmolLM2 +22%, Gemma 3
-      # +8% tokens/s); the transpose of the small result is cheap. Training shapes (as many
+      # +6% tokens/s); the transpose of the small result is cheap. Training shapes (as many
       # queries as keys) are faster the other way.
       logits = _dot32("bksgh,bkth->bktsg", qg, keys.astype(cfg.dtype)).transpose(0, 1, 3, 4, 2)
     logits = logits * scale  # [B, K, S, G, T]
