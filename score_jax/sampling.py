@@ -30,8 +30,9 @@ class Greedy:
 
   def choose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
     del rng
+    logits = logits.astype(jnp.float32)
     tokens = jnp.argmax(logits, axis=-1)
-    return tokens, _take(self.log_probs(logits), tokens)
+    return tokens, _take(logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,16 @@ class Sampling:
       raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
   def log_probs(self, logits: Array) -> Array:
+    return jax.nn.log_softmax(self._scores(logits), axis=-1)
+
+  def choose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
+    scores = self._scores(logits)
+    tokens, log_norm = categorical(rng, scores)
+    return tokens, _take(scores, tokens) - log_norm
+
+  def _scores(self, logits: Array) -> Array:
+    """float32 logits / temperature, -inf outside the truncations: log-probs up to a
+    constant."""
     logits = logits.astype(jnp.float32) / self.temperature
     if self.top_k is not None and self.top_k < logits.shape[-1]:
       kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
@@ -74,34 +85,32 @@ class Sampling:
     if self.min_p is not None and self.min_p > 0:
       floor = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(self.min_p)
       logits = jnp.where(logits >= floor, logits, -jnp.inf)
-    return jax.nn.log_softmax(logits, axis=-1)
-
-  def choose(self, logits: Array, rng: Array) -> tuple[Array, Array]:
-    log_probs = self.log_probs(logits)
-    tokens = categorical(rng, log_probs)
-    return tokens, _take(log_probs, tokens)
+    return logits
 
 
-def categorical(rng: Array, log_probs: Array) -> Array:
-  """A token drawn from each row of `log_probs` [..., V] (normalised or not), by Gumbel-max in
-  two levels: a block of ~sqrt(V) tokens by its total probability, then a token in it.
+def categorical(rng: Array, scores: Array) -> tuple[Array, Array]:
+  """A token drawn from each row of `scores` [..., V] (log-probabilities up to a constant),
+  by Gumbel-max in two levels: a block of ~sqrt(V) tokens by its total probability, then a
+  token in it; and each row's logsumexp, from the block totals the draw computes anyway.
 
   P(block) * P(token | block) is exactly P(token), as with one Gumbel per token, but it draws
   ~2 sqrt(V) random numbers per row instead of V (512 + 512 for Gemma's 262k vocabulary: the
-  draw had cost more than the output head on a CPU).
+  draw had cost more than the output head on a CPU). The drawn token's log-prob is its score
+  minus the logsumexp: no normalised [..., V] array is written.
   """
-  *lead, v = log_probs.shape
+  *lead, v = scores.shape
   size = max(1, math.isqrt(v))
   num_blocks = -(-v // size)
-  padded = jnp.pad(log_probs, [(0, 0)] * len(lead) + [(0, num_blocks * size - v)],
+  padded = jnp.pad(scores, [(0, 0)] * len(lead) + [(0, num_blocks * size - v)],
                    constant_values=-jnp.inf)
   blocks = padded.reshape(*lead, num_blocks, size)
+  block_log_mass = jax.nn.logsumexp(blocks, axis=-1)
   block_rng, token_rng = jax.random.split(rng)
-  block = jnp.argmax(jax.nn.logsumexp(blocks, axis=-1)
-                     + jax.random.gumbel(block_rng, (*lead, num_blocks)), axis=-1)
+  block = jnp.argmax(block_log_mass + jax.random.gumbel(block_rng, (*lead, num_blocks)),
+                     axis=-1)
   inside = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
   token = jnp.argmax(inside + jax.random.gumbel(token_rng, (*lead, size)), axis=-1)
-  return block * size + token
+  return block * size + token, jax.nn.logsumexp(block_log_mass, axis=-1)
 
 
 Method = Union[Greedy, Sampling]

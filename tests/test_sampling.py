@@ -30,8 +30,11 @@ def _assert_matches(freq: np.ndarray, probs: np.ndarray) -> None:
 def test_categorical_draws_each_token_with_its_probability(v):
   logits = jnp.asarray(np.random.default_rng(v).normal(scale=2.0, size=v), jnp.float32)
   log_probs = jax.nn.log_softmax(logits)
-  freq = _frequencies(lambda k: sampling.categorical(k, log_probs), v, jax.random.PRNGKey)
+  freq = _frequencies(lambda k: sampling.categorical(k, log_probs)[0], v, jax.random.PRNGKey)
   _assert_matches(freq, np.exp(np.asarray(log_probs)))
+  # The row's logsumexp, from the block totals: that of the unnormalised scores too.
+  _, log_norm = sampling.categorical(jax.random.PRNGKey(0), logits)
+  np.testing.assert_allclose(log_norm, jax.nn.logsumexp(logits), rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", [
