@@ -13,7 +13,10 @@ the shipped GGUF file dequantized (ours and Tunix through `loading.load`, transf
 its own GGUF reader).
 
 * ours: `sampler.sample`, one compiled program for both attempts, compiled ahead of time (the
-  compile time is exact); a stop id no token has, so no attempt ends early.
+  compile time is exact); a stop id no token has, so no attempt ends early. Its layers run
+  unrolled (the CPU default); after the timed runs (and after its peak RSS is read) the same
+  program with its layers scanned is compiled, not run, and both programs' XLA buffers are
+  printed (arguments, temporaries): the compile time and memory that unrolling costs.
 * transformers: `generate` for attempt 1, the instruction appended, `generate` for attempt 2
   continuing attempt 1's KV cache; `min_new_tokens = N`, so EOS never stops it. Eager PyTorch:
   nothing to compile.
@@ -178,9 +181,10 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
   batch, prompt_len = prompts.shape
   new = job["max_new_tokens"]
   method = sampling.Greedy() if job["greedy"] else sampling.Sampling(temperature=1.0)
-  fn = jax.jit(functools.partial(
+  sample = functools.partial(
       sampler_lib.sample, model_cfg=cfg, method=method, num_attempts=_NUM_ATTEMPTS,
-      max_new_tokens=new, eot_id=_NEVER, pad_id=job["pad_id"]))
+      max_new_tokens=new, eot_id=_NEVER, pad_id=job["pad_id"])
+  fn = jax.jit(sample)
   args = (params, jnp.asarray(prompts), jnp.full((batch,), prompt_len, jnp.int32),
           jnp.asarray(instruction))
   rng = jax.random.PRNGKey(0)
@@ -195,7 +199,22 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
     return np.asarray(out.attempt_tokens)
 
   result = _timed_runs(run, job["repeats"])
-  return dict(result, compile_s=compile_s, tokens=result.pop("out").tolist())
+  peaks = _peaks()  # Before the scanned program below is compiled.
+  # The same program with its layers scanned (what accelerators run), compiled but not run:
+  # its compile time and XLA buffers next to the unrolled one's.
+  scanned_fn = jax.jit(functools.partial(sample, unroll_decode=False))
+  start = time.perf_counter()
+  scanned = scanned_fn.lower(*args, rng).compile()
+  scanned_s = time.perf_counter() - start
+  return dict(result, **peaks, compile_s=compile_s, tokens=result.pop("out").tolist(),
+              buffers=xla_buffers(compiled), scanned_compile_s=scanned_s,
+              scanned_buffers=xla_buffers(scanned))
+
+
+def xla_buffers(compiled: jax.stages.Compiled) -> dict[str, int]:
+  """Bytes XLA plans for a compiled program: its arguments and its temporaries."""
+  memory = compiled.memory_analysis()
+  return {"arguments": memory.argument_size_in_bytes, "temporaries": memory.temp_size_in_bytes}
 
 
 def _hf_model(gguf_path: str):
@@ -461,9 +480,14 @@ def _worker_main(side: str, job_path: str) -> None:
   with open(job_path) as f:
     job = json.load(f)
   result = _SIDES_FNS[side](job)
-  result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  result["sampling_peak_rss"] = _current_peak_rss()
+  result = dict(_peaks(), **result)  # A side may have read its peaks earlier.
   print(_RESULT + json.dumps(result), flush=True)
+
+
+def _peaks() -> dict[str, Optional[int]]:
+  """This process's whole-life peak RSS and its peak since `_reset_peak_rss`, in bytes."""
+  return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "sampling_peak_rss": _current_peak_rss()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +525,15 @@ def _side_line(side: str, r: dict[str, Any], tokens: int) -> str:
   compile_s = r["compile_s"]
   compile_text = ("none (eager)" if compile_s is None else
                   f"{'~' if side == 'tunix' else ''}{compile_s:.1f} s")
-  return (f"  {side:<13} compile {compile_text:<12} first run {r['first_s']:7.2f} s  run "
+  line = (f"  {side:<13} compile {compile_text:<12} first run {r['first_s']:7.2f} s  run "
           f"{r['run_s']:7.2f} s -> {tokens / r['run_s']:7.1f} tokens/s  peak RSS "
           f"{_gb(r['peak_rss'])} (sampling {_gb(r['sampling_peak_rss'])})")
+  if "buffers" in r:
+    line += (f"\n  {side:<13} XLA buffers: arguments {_gb(r['buffers']['arguments'])}, "
+             f"temporaries {_gb(r['buffers']['temporaries'])}; layers scanned instead "
+             f"(compiled, not run): compile {r['scanned_compile_s']:.1f} s, temporaries "
+             f"{_gb(r['scanned_buffers']['temporaries'])}")
+  return line
 
 
 def _python_of(side: str) -> str:

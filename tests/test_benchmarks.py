@@ -163,3 +163,22 @@ def test_op_profile_of_the_sampler_names_its_dots():
   assert groups and all(g.seconds >= 0 and g.calls >= 1 for g in groups)
   assert [g.seconds for g in groups] == sorted((g.seconds for g in groups), reverse=True)
   assert any("dot_general" in g.name for g in groups), [g.name for g in groups]
+
+
+def test_unrolled_decode_plans_a_copy_of_the_layer_weights():
+  """What the sampler benchmark prints about unrolling: the unrolled program's temporaries
+  hold each layer's weights sliced off the stack, the scanned one's do not."""
+  from score_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from score_jax import sampling  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.tiny_config(vocab_size=80, num_layers=4, embed_dim=64, mlp_dim=256)
+  params = _abstract_params(cfg)
+  temporaries = {}
+  for unroll in (True, False):
+    sampler = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=4, max_prompt_len=4,
+                                  instruction=[3, 4], eot_id=1, pad_id=0, unroll_decode=unroll)
+    compiled = sampler.lower(params, 2, sampling.Greedy()).compile()
+    buffers = bench_sampler.xla_buffers(compiled)
+    assert buffers["arguments"] > 0
+    temporaries[unroll] = buffers["temporaries"]
+  layer_bytes = sum(w.size * w.dtype.itemsize for w in jax.tree.leaves(params["layers"]))
+  assert temporaries[True] - temporaries[False] >= layer_bytes
