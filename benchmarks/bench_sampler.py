@@ -13,10 +13,13 @@ the shipped GGUF file dequantized (ours and Tunix through `loading.load`, transf
 its own GGUF reader).
 
 * ours: `sampler.sample`, one compiled program for both attempts, compiled ahead of time (the
-  compile time is exact); a stop id no token has, so no attempt ends early. Its layers run
-  unrolled (the CPU default); after the timed runs (and after its peak RSS is read) the same
-  program with its layers scanned is compiled, not run, and both programs' XLA buffers are
-  printed (arguments, temporaries): the compile time and memory that unrolling costs.
+  compile time is exact); a stop id no token has, so no attempt ends early. Its decode layers
+  run unrolled (the CPU default: `unroll_decode`); its XLA buffers (arguments, temporaries)
+  are printed too.
+* ours_scanned: the same with the decode layers scanned over their stack (what accelerators
+  run; `RunConfig.unroll_decode = False`): one layer's code instead of one per layer and
+  attempt, and no copy of the layers' weights held through the call, at the price of a copy
+  of each layer's weights out of the stack at every step.
 * transformers: `generate` for attempt 1, the instruction appended, `generate` for attempt 2
   continuing attempt 1's KV cache; `min_new_tokens = N`, so EOS never stops it. Eager PyTorch:
   nothing to compile.
@@ -38,12 +41,13 @@ that the sides compute the same thing: the printed agreement counts, per row and
 tokens equal to ours before the first difference.
 
 For each model and batch the script prints `ratio ours/transformers: 2.31x` and
-`ratio ours/tunix: 1.52x` lines (throughput ratios), then a profile of our decode step (its
-parts timed alone: the layers, the output head, the choice of the token) next to its bound on
-this machine, measured in the same run: weight and KV-cache bytes / read bandwidth, and matmul
-FLOPs / float32 matmul FLOP/s (see yardsticks.py); the larger of the two is the step's floor,
-and "floor / step" how close the step comes to it (over 100%: the measured peaks, taken while
-other work shares the machine, understate what the step's own kernels got).
+`ratio ours/tunix: 1.52x` lines (throughput ratios; `ratio ours_scanned/...` lines likewise),
+then a profile of our decode step (its parts timed alone: the layers, the output head, the
+choice of the token) next to its bound on this machine, measured in the same run: weight and
+KV-cache bytes / read bandwidth, and matmul FLOPs / float32 matmul FLOP/s (see yardsticks.py);
+the larger of the two is the step's floor, and "floor / step" how close the step comes to it
+(over 100%: the measured peaks, taken while other work shares the machine, understate what
+the step's own kernels got).
 At the end, a markdown table of everything.
 """
 
@@ -81,7 +85,8 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per at
                                        lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per side (after one warm-up).",
                                 lower_bound=1)
-_SIDES = flags.DEFINE_list("sides", ["ours", "transformers", "tunix"], "Sides to run.")
+_SIDES = flags.DEFINE_list("sides", ["ours", "ours_scanned", "transformers", "tunix"],
+                           "Sides to run.")
 _TUNIX_PYTHON = flags.DEFINE_string(
     "tunix_python", "", "Python of the venv with Tunix (`make bench-peers-venv`: "
     ".venv-peers/bin/python); empty: the Tunix side is skipped.")
@@ -93,7 +98,8 @@ _TORCH_THREADS = flags.DEFINE_integer(
     lower_bound=0)
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds allowed to one side's process.")
 # Internal: run one side in this process (the driver starts these).
-_WORKER = flags.DEFINE_enum("worker", None, ["ours", "transformers", "tunix", "profile"],
+_WORKER = flags.DEFINE_enum("worker", None, ["ours", "ours_scanned", "transformers", "tunix",
+                                              "profile"],
                             "Internal: the side this process runs.")
 _JOB = flags.DEFINE_string("job", None, "Internal: the worker's job file (JSON).")
 
@@ -173,7 +179,7 @@ def _timed_runs(run, repeats: int) -> dict[str, Any]:
 # The sides. Each returns {"compile_s", "first_s", "run_s", "runs_s", "tokens" [K, B, N]}.
 
 
-def _ours(job: dict[str, Any]) -> dict[str, Any]:
+def _ours(job: dict[str, Any], unroll_decode: Optional[bool] = None) -> dict[str, Any]:
   cfg, params, _ = loading.load(job["model"])
   params = jax.device_put(params)
   _reset_peak_rss()
@@ -185,15 +191,12 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
           jnp.asarray(instruction))
   rng = jax.random.PRNGKey(0)
 
-  def compile_timed(unroll_decode=None):
-    """The sampler compiled ahead of time for these inputs, and the seconds it took."""
-    fn = jax.jit(functools.partial(
-        sampler_lib.sample, model_cfg=cfg, method=method, num_attempts=_NUM_ATTEMPTS,
-        max_new_tokens=new, eot_id=_NEVER, pad_id=job["pad_id"], unroll_decode=unroll_decode))
-    start = time.perf_counter()
-    return fn.lower(*args, rng).compile(), time.perf_counter() - start
-
-  compiled, compile_s = compile_timed()
+  fn = jax.jit(functools.partial(
+      sampler_lib.sample, model_cfg=cfg, method=method, num_attempts=_NUM_ATTEMPTS,
+      max_new_tokens=new, eot_id=_NEVER, pad_id=job["pad_id"], unroll_decode=unroll_decode))
+  start = time.perf_counter()
+  compiled = fn.lower(*args, rng).compile()
+  compile_s = time.perf_counter() - start
 
   def run(i):
     out = jax.block_until_ready(compiled(*args, jax.random.fold_in(rng, i)))
@@ -202,13 +205,8 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
     return np.asarray(out.attempt_tokens)
 
   result = _timed_runs(run, job["repeats"])
-  peaks = _peaks()  # Before the scanned program below is compiled.
-  # The same program with its layers scanned (what accelerators run), compiled but not run:
-  # its compile time and XLA buffers next to the unrolled one's.
-  scanned, scanned_s = compile_timed(unroll_decode=False)
-  return dict(result, **peaks, compile_s=compile_s, tokens=result.pop("out").tolist(),
-              buffers=xla_buffers(compiled), scanned_compile_s=scanned_s,
-              scanned_buffers=xla_buffers(scanned))
+  return dict(result, compile_s=compile_s, tokens=result.pop("out").tolist(),
+              buffers=xla_buffers(compiled))
 
 
 def xla_buffers(compiled: jax.stages.Compiled) -> dict[str, int]:
@@ -467,8 +465,9 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-_SIDES_FNS = {"ours": _ours, "transformers": _transformers, "tunix": _tunix,
-              "profile": _profile}
+_SIDES_FNS = {"ours": _ours, "ours_scanned": functools.partial(_ours, unroll_decode=False),
+              "transformers": _transformers, "tunix": _tunix, "profile": _profile}
+_OURS = ("ours", "ours_scanned")
 
 
 def _worker_main(side: str, job_path: str) -> None:
@@ -480,7 +479,7 @@ def _worker_main(side: str, job_path: str) -> None:
   with open(job_path) as f:
     job = json.load(f)
   result = _SIDES_FNS[side](job)
-  result = dict(_peaks(), **result)  # A side may have read its peaks earlier.
+  result = dict(result, **_peaks())
   print(_RESULT + json.dumps(result), flush=True)
 
 
@@ -530,9 +529,7 @@ def _side_line(side: str, r: dict[str, Any], tokens: int) -> str:
           f"{_gb(r['peak_rss'])} (sampling {_gb(r['sampling_peak_rss'])})")
   if "buffers" in r:
     line += (f"\n  {side:<13} XLA buffers: arguments {_gb(r['buffers']['arguments'])}, "
-             f"temporaries {_gb(r['buffers']['temporaries'])}; layers scanned instead "
-             f"(compiled, not run): compile {r['scanned_compile_s']:.1f} s, temporaries "
-             f"{_gb(r['scanned_buffers']['temporaries'])}")
+             f"temporaries {_gb(r['buffers']['temporaries'])}")
   return line
 
 
@@ -545,15 +542,19 @@ def _sides_for(model: str) -> list[str]:
   return [s for s in sides if s != "tunix" or model in _TUNIX_MODELS]
 
 
-def _ratio_lines(results: dict[str, dict[str, Any]], model: str) -> list[str]:
+def ratio_lines(results: dict[str, dict[str, Any]], model: str, sides: Sequence[str]
+                ) -> list[str]:
+  """`ratio ours/transformers: 2.31x` and the like, for each of our `sides` and each peer."""
   lines = []
-  for peer in ("transformers", "tunix"):
-    if peer == "tunix" and model not in _TUNIX_MODELS:
-      lines.append(f"ratio ours/tunix: {_TUNIX_SKIPPED}")
-    elif "ours" in results and peer in results:
-      lines.append(f"ratio ours/{peer}: {results[peer]['run_s'] / results['ours']['run_s']:.2f}x")
-    elif peer in _SIDES.value:
-      lines.append(f"ratio ours/{peer}: n/a (a side did not run)")
+  for ours in (s for s in _OURS if s in sides):
+    for peer in ("transformers", "tunix"):
+      name = f"ratio {ours}/{peer}:"
+      if peer == "tunix" and model not in _TUNIX_MODELS:
+        lines.append(f"{name} {_TUNIX_SKIPPED}")
+      elif ours in results and peer in results:
+        lines.append(f"{name} {results[peer]['run_s'] / results[ours]['run_s']:.2f}x")
+      elif peer in sides:
+        lines.append(f"{name} n/a (a side did not run)")
   return lines
 
 
@@ -587,27 +588,29 @@ def _print_profile(p: dict[str, Any], batches: Sequence[int]) -> None:
           f"floor / step = {bound / b['step']:.0%}", flush=True)
 
 
-def _table(rows: list[tuple[str, int, dict[str, dict[str, Any]]]], tokens_of) -> str:
+def table(rows: list[tuple[str, int, dict[str, dict[str, Any]]]], tokens_of) -> str:
   """Markdown table of every (model, batch): throughput, ratios, compile time, peak RSS."""
-  out = ["| model | batch | tokens/s ours | transformers | Tunix | ours/transformers | "
-         "ours/Tunix | compile ours / Tunix (s) | peak RSS ours / transformers / Tunix (GB) |",
-         "|" + "---|" * 9]
+  out = ["| model | batch | tokens/s ours | ours scanned | transformers | Tunix | "
+         "ours/transformers | scanned/transformers | ours/Tunix | scanned/Tunix | compile ours "
+         "/ scanned / Tunix (s) | peak RSS ours / scanned / transformers / Tunix (GB) |",
+         "|" + "---|" * 12]
   for model, batch, res in rows:
     def cell(side, fmt, res=res):
       return fmt(res[side]) if side in res else "-"
 
-    def ratio(peer, res=res):
-      if peer not in res or "ours" not in res:
+    def ratio(ours, peer, res=res):
+      if peer not in res or ours not in res:
         return "-"
-      return f"{res[peer]['run_s'] / res['ours']['run_s']:.2f}x"
+      return f"{res[peer]['run_s'] / res[ours]['run_s']:.2f}x"
 
     speed = lambda r, batch=batch: f"{tokens_of(batch) / r['run_s']:.1f}"
     memory = " / ".join(cell(s, lambda r: f"{r['peak_rss'] / 1e9:.2f}")
-                        for s in ("ours", "transformers", "tunix"))
-    compile_s = (cell("ours", lambda r: f"{r['compile_s']:.1f}") + " / "
-                 + cell("tunix", lambda r: f"~{r['compile_s']:.1f}"))
-    out.append(f"| {model} | {batch} | {cell('ours', speed)} | {cell('transformers', speed)} | "
-               f"{cell('tunix', speed)} | {ratio('transformers')} | {ratio('tunix')} | "
+                        for s in (*_OURS, "transformers", "tunix"))
+    compile_s = " / ".join([*(cell(s, lambda r: f"{r['compile_s']:.1f}") for s in _OURS),
+                            cell("tunix", lambda r: f"~{r['compile_s']:.1f}")])
+    ratios = " | ".join(ratio(ours, peer) for peer in ("transformers", "tunix") for ours in _OURS)
+    out.append(f"| {model} | {batch} | {' | '.join(cell(s, speed) for s in _OURS)} | "
+               f"{cell('transformers', speed)} | {cell('tunix', speed)} | {ratios} | "
                f"{compile_s} | {memory} |")
   return "\n".join(out)
 
@@ -651,7 +654,7 @@ def main(argv):
           if r is not None:
             results[side] = r
             print(_side_line(side, r, tokens_of(batch)), flush=True)
-        for line in _ratio_lines(results, model):
+        for line in ratio_lines(results, model, _SIDES.value):
           print(line, flush=True)
         rows.append((model, batch, results))
       if _PROFILE.value:
@@ -661,7 +664,7 @@ def main(argv):
                                                  len(instruction))), workdir)
         if p is not None:
           _print_profile(p, batches)
-  print("\n" + _table(rows, tokens_of))
+  print("\n" + table(rows, tokens_of))
   print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -13,6 +13,12 @@ import tempfile
 
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
+# Tests compare float32 computations with each other (remat or not, micro-batched or not, the
+# sampler's log-probs and the training forward's) at float32 tolerances. A GPU's XLA runs
+# float32 matmuls in TF32 by default, which misses them by ~1e-4 relative (seen on an H200);
+# CPUs compute float32 dots in full precision either way.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 if _CACHE_ENV not in os.environ:  # Set before any test module imports jax.
   _cache_dir = tempfile.mkdtemp(prefix="score_jax_test_xla_")
   os.environ[_CACHE_ENV] = _cache_dir

@@ -123,6 +123,31 @@ def test_leading_agreement_counts_tokens_before_the_first_difference():
     assert bench_sampler.leading_agreement(ours, np.array([theirs])) == expected
 
 
+def _side(run_s: float, peak_gb: float, compile_s=None) -> dict:
+  return {"run_s": run_s, "peak_rss": peak_gb * 1e9, "compile_s": compile_s}
+
+
+def test_ratio_lines_and_table_put_each_of_our_programs_against_each_peer():
+  results = {"ours": _side(2.0, 2.5, 8.0), "ours_scanned": _side(4.0, 1.5, 2.0),
+             "transformers": _side(6.0, 1.9), "tunix": _side(3.0, 4.0, 10.0)}
+  sides = ["ours", "ours_scanned", "transformers", "tunix"]
+  assert bench_sampler.ratio_lines(results, "gemma3_270m", sides) == [
+      "ratio ours/transformers: 3.00x", "ratio ours/tunix: 1.50x",
+      "ratio ours_scanned/transformers: 1.50x", "ratio ours_scanned/tunix: 0.75x"]
+  # A peer that ran but failed, a side not asked for, Tunix not compared on SmolLM2.
+  del results["transformers"]
+  lines = bench_sampler.ratio_lines(results, "smollm2_135m", ["ours", "transformers", "tunix"])
+  assert lines[0] == "ratio ours/transformers: n/a (a side did not run)"
+  assert lines[1].startswith("ratio ours/tunix: n/a (Tunix 0.1.7's Llama model")
+  assert len(lines) == 2
+  row = bench_sampler.table([("gemma3_270m", 8, results)], lambda batch: batch * 100)
+  assert row.splitlines()[-1] == (
+      "| gemma3_270m | 8 | 400.0 | 200.0 | - | 266.7 | - | - | 1.50x | 0.75x "
+      "| 8.0 / 2.0 / ~10.0 | 2.50 / 1.50 / - / 4.00 |")
+  header, rule = row.splitlines()[:2]
+  assert header.count("|") == rule.count("|") == row.splitlines()[-1].count("|")
+
+
 def test_tunix_gemma3_params_compute_our_projections():
   """Tunix's einsums (its Gemma 3 model: 'BTD,NDH->BTNH', 'BSD,CKDH->CBSKH', 'BTNH,NHD->BTD',
   nnx.Linear kernels [in, out]) over the mapped weights give our model's projections."""
