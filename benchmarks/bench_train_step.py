@@ -3,7 +3,7 @@
     make bench-train-step     # or:
     .venv/bin/python benchmarks/bench_train_step.py [--model=smollm2_135m] [--batch=16] \\
         [--seq_len=512] [--num_micro_batches=4] [--remat=none|full|save_dots] \\
-        [--dtype=float32|bfloat16] [--chunk_len=256] [--repeats=3]
+        [--dtype=float32|bfloat16] [--chunk_len=256] [--repeats=3] [--op_profile=25]
     .venv/bin/python benchmarks/bench_train_step.py --breakdown [--breakdown_steps=4]
 
 Default mode. One jitted Stage II train step (`train_step.policy_loss` with the SCoRe Stage II
@@ -26,7 +26,9 @@ model computes); and a float32 2048^3 and 4096^3 `jnp.dot`'s FLOP/s measured in 
 process before and after the steps (median of repeats; the best of the two times is taken, as
 other work on a shared machine can only slow a measurement). The step's fraction is of the
 larger matmul figure. Remat and the chunked log-probs' recomputation are real work that this
-count leaves out (it is model FLOPs, not hardware FLOPs).
+count leaves out (it is model FLOPs, not hardware FLOPs). `--op_profile=N` then runs one more
+step under `jax.profiler` and prints its N largest groups of XLA operations (dots, fusions,
+copies, by kind, result shape and source op): where the step's time goes when it falls short.
 
 --breakdown. A few real Stage II steps of the trainer (`python -m score_jax.main`, SmolLM2 +
 GSM8K, 2 prompts x 2 samples, 2 x 32 new tokens, from the base model, prompts padded to 320
@@ -63,6 +65,7 @@ from score_jax import tasks
 from score_jax import train_step as ts
 from score_jax import trainer
 
+import op_profile  # benchmarks/op_profile.py, next to this file.
 import yardsticks  # benchmarks/yardsticks.py, next to this file.
 
 _MODEL = flags.DEFINE_enum("model", "smollm2_135m", ["smollm2_135m", "gemma3_270m"],
@@ -81,6 +84,9 @@ _CHUNK_LEN = flags.DEFINE_integer("chunk_len", None, "Positions per log-prob chu
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps (after one warm-up).", lower_bound=1)
 _MATMUL_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Timed runs of each matmul.",
                                        lower_bound=1)
+_OP_PROFILE = flags.DEFINE_integer(
+    "op_profile", 0, "After the timed steps, one more step under jax.profiler: print its this "
+    "many largest groups of XLA operations (op_profile.py); 0: none.", lower_bound=0)
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Per-step time breakdown of real RL steps.")
 _BREAKDOWN_STEPS = flags.DEFINE_integer("breakdown_steps", 4, "Trainer steps to run.",
                                         lower_bound=2)
@@ -133,8 +139,10 @@ def _step_setup(cfg: model_lib.ModelConfig, params: Any, batch: dict[str, np.nda
   return step, state, device_batch, reference
 
 
-def _time_steps(step, state, batch, repeats: int) -> tuple[float, float, list[float]]:
-  """(compile s, median step s, step times) of `repeats` steps after one warm-up step."""
+def _time_steps(step, state, batch, repeats: int
+                ) -> tuple[float, float, list[float], Any, Any]:
+  """(compile s, median step s, step times, the compiled step, the last state) of `repeats`
+  steps after one warm-up step."""
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -148,7 +156,7 @@ def _time_steps(step, state, batch, repeats: int) -> tuple[float, float, list[fl
     times.append(time.perf_counter() - start)
   if not np.isfinite(float(metrics["loss"])):
     raise AssertionError(f"the train step's loss is {float(metrics['loss'])}")
-  return compile_s, float(np.median(times)), times
+  return compile_s, float(np.median(times)), times, compiled, state
 
 
 def _throughput() -> None:
@@ -182,7 +190,7 @@ def _throughput() -> None:
   ref_flops = flops // 3
   print(f"reference forward: {ref_s:.2f} s -> {ref_flops / ref_s / 1e9:.1f} GFLOP/s",
         flush=True)
-  compile_s, step_s, times = _time_steps(step, state, batch, _REPEATS.value)
+  compile_s, step_s, times, compiled, state = _time_steps(step, state, batch, _REPEATS.value)
   after = _matmul_peaks()
   print("matmul after:  " + ", ".join(f"{n}^3 {v / 1e9:.1f} GFLOP/s" for n, v in after.items()),
         flush=True)
@@ -195,6 +203,14 @@ def _throughput() -> None:
   print(f"achieved model FLOP/s: {achieved / 1e9:.1f} G = {achieved / best:.0%} of the larger "
         f"matmul figure ({best / 1e9:.1f} GFLOP/s; 2048^3 {peak[2048] / 1e9:.1f}, 4096^3 "
         f"{peak[4096] / 1e9:.1f})")
+  if _OP_PROFILE.value:
+    groups = op_profile.op_profile(compiled, state, batch)
+    print(f"one step under the profiler, its {_OP_PROFILE.value} largest groups of operations "
+          "(seconds, calls, kind, result shape, source op):")
+    for g in groups[:_OP_PROFILE.value]:
+      print(f"  {g.seconds:7.3f} s  x{g.calls:<4d} {g.name[:140]}")
+    print(f"  sum of all operations {sum(g.seconds for g in groups):.2f} s (they overlap on "
+          f"the cores); the step took {step_s:.2f} s unprofiled")
   print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -251,7 +267,7 @@ def _breakdown() -> None:
       _BD_SAMPLES)
   del params
   ref_s = yardsticks.median_seconds(lambda: reference(state.ref_params, batch["tokens"]), 3)
-  _, train_s, _ = _time_steps(step, state, batch, 3)
+  train_s = _time_steps(step, state, batch, 3)[1]
   print(f"timed alone here on {rows} x {seq_len} tokens (the trainer's shapes):")
   print(f"  reference forward {ref_s:7.2f} s")
   print(f"  train step        {train_s:7.2f} s")
