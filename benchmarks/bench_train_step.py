@@ -85,8 +85,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed steps (after one warm-up)."
 _MATMUL_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Timed runs of each matmul.",
                                        lower_bound=1)
 _OP_PROFILE = flags.DEFINE_integer(
-    "op_profile", 0, "After the timed steps, one more step under jax.profiler: print its this "
-    "many largest groups of XLA operations (op_profile.py); 0: none.", lower_bound=0)
+    "op_profile", 0, "N > 0: after the timed steps, profile one more step (jax.profiler) and "
+    "print its N largest groups of XLA operations (op_profile.py).", lower_bound=0)
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Per-step time breakdown of real RL steps.")
 _BREAKDOWN_STEPS = flags.DEFINE_integer("breakdown_steps", 4, "Trainer steps to run.",
                                         lower_bound=2)
