@@ -479,14 +479,9 @@ def _worker_main(side: str, job_path: str) -> None:
   with open(job_path) as f:
     job = json.load(f)
   result = _SIDES_FNS[side](job)
-  result = dict(result, **_peaks())
+  result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  result["sampling_peak_rss"] = _current_peak_rss()
   print(_RESULT + json.dumps(result), flush=True)
-
-
-def _peaks() -> dict[str, Optional[int]]:
-  """This process's whole-life peak RSS and its peak since `_reset_peak_rss`, in bytes."""
-  return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          "sampling_peak_rss": _current_peak_rss()}
 
 
 # ---------------------------------------------------------------------------------------------
