@@ -129,3 +129,29 @@ def test_unrolled_apply_on_unstacked_layers_equals_scanned(params):
   assert float(jnp.abs(cache_a.k[:, :, :, :9]).min(axis=-1).max()) > 0  # the cache was written
   np.testing.assert_array_equal(cache_b.pos[:, :9], POSITIONS)
   assert int(cache_b.used) == 9 and (np.asarray(cache_b.pos[:, 9:]) == -1).all()
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n_in, transposed, spec", [
+    ((2, 3, 4), (4, 5), 1, False, "bsd,df->bsf"),
+    ((2, 3, 4), (4, 2, 3), 1, False, "bsd,dnh->bsnh"),
+    ((2, 3, 2, 3), (2, 3, 4), 2, False, "bsnh,nhd->bsd"),
+    ((2, 3, 4), (7, 4), 1, True, "bsd,vd->bsv"),
+])
+def test_dense_equals_its_einsum(x_shape, w_shape, n_in, transposed, spec):
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  np.testing.assert_allclose(model_lib.dense(x, w, n_in, transposed), jnp.einsum(spec, x, w),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_dense_weight_gradient_is_one_2d_dot_over_the_tokens():
+  """The weight gradient contracts one merged tokens axis of two 2-D row-major operands (not
+  batch and length separately, which XLA:CPU transposes the activations for)."""
+  x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+  jaxpr = jax.make_jaxpr(jax.grad(lambda w: model_lib.dense(x, w).sum()))(w)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots, jaxpr
+  for e in dots:
+    assert [v.aval.ndim for v in e.invars] == [2, 2], e
+    (lhs_contract, rhs_contract), _ = e.params["dimension_numbers"]
+    assert len(lhs_contract) == len(rhs_contract) == 1, e
