@@ -55,15 +55,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax import chat
-from score_jax import loading
-from score_jax import model as model_lib
-from score_jax import objectives
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
-from score_jax import tasks
-from score_jax import train_step as ts
-from score_jax import trainer
+from score_jax.data import tasks
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import chat
+from score_jax.models import loading
+from score_jax.models import transformer as model_lib
+from score_jax.rl import objectives
+from score_jax.rl import train_step as ts
+from score_jax.rl import trainer
 
 import op_profile  # benchmarks/op_profile.py, next to this file.
 import yardsticks  # benchmarks/yardsticks.py, next to this file.

@@ -5,7 +5,7 @@ r"""Per-device memory of a run's device programs, planned on a laptop.
         [--topology=v5e:4x4]
 
 compiles, ahead of time, the three programs of an RL step (the Stage II train step, the frozen
-reference forward and the two-attempt sampler) for a named model config (`score_jax.configs`)
+reference forward and the two-attempt sampler) for a named model config (`score_jax.models.configs`)
 with abstract inputs (`jax.ShapeDtypeStruct`s carrying their `NamedSharding`s from the
 logical-axis rules): nothing is allocated, so a multi-billion parameter model plans on a CPU.
 For each program it prints the per-device bytes from the compiled program's memory analysis
@@ -49,26 +49,29 @@ def _set_device_count(argv) -> None:
 
 _set_device_count(sys.argv)
 
-import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
-import math  # pylint: disable=g-import-not-at-top,wrong-import-position
-import re  # pylint: disable=g-import-not-at-top,wrong-import-position
-import time  # pylint: disable=g-import-not-at-top,wrong-import-position
-from typing import Iterator  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The rest imports jax, after the device count is set.
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import Iterator
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
-import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
 
-from score_jax import configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from score_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from score_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
-from score_jax import partitioning  # pylint: disable=g-import-not-at-top,wrong-import-position
-from score_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from score_jax import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
-from score_jax import train_step as ts  # pylint: disable=g-import-not-at-top,wrong-import-position
+from score_jax import partitioning
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import configs
+from score_jax.models import transformer as model_lib
+from score_jax.rl import objectives
+from score_jax.rl import train_step as ts
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _MODEL = flags.DEFINE_string("model", "gemma2_2b", f"Named config: {configs.names()}.")
 _DEVICES = flags.DEFINE_integer("devices", 16, "Number of fake CPU devices (without "

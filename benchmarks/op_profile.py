@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax import model as model_lib
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
 
 
 @dataclasses.dataclass

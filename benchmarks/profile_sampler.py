@@ -20,11 +20,11 @@ from absl import app
 from absl import flags
 import jax
 
-from score_jax import configs
+from score_jax.models import configs
 
 import op_profile  # benchmarks/op_profile.py, next to this file.
 
-_MODEL = flags.DEFINE_string("model", "smollm2_135m", "A config name of score_jax.configs.")
+_MODEL = flags.DEFINE_string("model", "smollm2_135m", "A config name of score_jax.models.configs.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Rows.", lower_bound=1)
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Tokens per prompt.", lower_bound=1)
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per attempt.",

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
-from score_jax import model as model_lib
-from score_jax import train_step as ts
+from score_jax.models import transformer as model_lib
+from score_jax.rl import train_step as ts
 
 _REWARD = "reward"
 _STATE, _META = "state", "meta"

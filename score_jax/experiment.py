@@ -37,19 +37,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from score_jax import checkpoints
-from score_jax import evaluation
-from score_jax import model as model_lib
-from score_jax import modes
-from score_jax import objectives
 from score_jax import partitioning
-from score_jax import report
-from score_jax import rollout as rollout_lib
-from score_jax import sampling
-from score_jax import scaling
-from score_jax import tasks
-from score_jax import toy
-from score_jax import trainer
-from score_jax import vocab as vocab_lib
+from score_jax.data import tasks
+from score_jax.data import toy
+from score_jax.decoding import sampling
+from score_jax.eval import evaluation
+from score_jax.eval import report
+from score_jax.eval import scaling
+from score_jax.models import transformer as model_lib
+from score_jax.models import vocab as vocab_lib
+from score_jax.rl import modes
+from score_jax.rl import objectives
+from score_jax.rl import rollout as rollout_lib
+from score_jax.rl import trainer
 
 UserError = trainer.UserError
 TRAINING_MODES = ("sft", *objectives.KINDS, "star", "pair_sft", "stage2_star")
@@ -100,7 +100,7 @@ def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary, chat_format: st
   """The conversation format: the toy's own, or `loading.chat_format(chat_format, source)`."""
   if isinstance(task, toy.ToyArithmetic):
     return rollout_lib.Conversation(task, vocab, toy.FORMAT)
-  from score_jax import loading  # pylint: disable=g-import-not-at-top
+  from score_jax.models import loading  # pylint: disable=g-import-not-at-top
   try:
     return rollout_lib.Conversation(task, vocab, loading.chat_format(chat_format, source))
   except ValueError as e:
@@ -110,7 +110,7 @@ def _conversation(task: tasks.Task, vocab: vocab_lib.Vocabulary, chat_format: st
 def load_policy(task: tasks.Task, path: Optional[str], seed: int = 0) -> trainer.Policy:
   """The policy exported under work dir `path` (its `export/`), or a fresh one."""
   source, chat_format = policy_source()
-  from score_jax import loading  # pylint: disable=g-import-not-at-top
+  from score_jax.models import loading  # pylint: disable=g-import-not-at-top
   if path is not None:
     export = checkpoints.resolve(path) / "export"
     if not (export / "model_config.json").is_file():
@@ -413,7 +413,7 @@ def experiment(mode: str = gin.REQUIRED, workdir: str = gin.REQUIRED,
   if jax.process_index() == 0:
     (checkpoints.resolve(workdir) / "config.gin").write_text(gin.config_str())
   if mode == "ablations":
-    from score_jax import ablations  # pylint: disable=g-import-not-at-top
+    from score_jax.eval import ablations  # pylint: disable=g-import-not-at-top
     return ablations.run(workdir, task)
   if mode != "pipeline":
     return run_mode(mode, workdir, task, init_from, reference_from)

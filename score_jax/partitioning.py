@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from score_jax import model as model_lib
+from score_jax.models import transformer as model_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Mesh axes that split the batch (leading) dimension of inputs and activations.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from score_jax import ablations
+from score_jax.eval import ablations
 
 
 @pytest.mark.parametrize("steps, stage1_share, stage1, stage2", [

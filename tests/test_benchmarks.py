@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import model as model_lib
+from score_jax.models import transformer as model_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import bench_sampler  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -193,8 +193,8 @@ def test_op_profile_of_the_sampler_names_its_dots():
 def test_unrolled_decode_plans_a_copy_of_the_layer_weights():
   """What the sampler benchmark prints about unrolling: the unrolled program's temporaries
   hold each layer's weights sliced off the stack, the scanned one's do not."""
-  from score_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from score_jax import sampling  # pylint: disable=g-import-not-at-top
+  from score_jax.decoding import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from score_jax.decoding import sampling  # pylint: disable=g-import-not-at-top
   cfg = model_lib.tiny_config(vocab_size=80, num_layers=4, embed_dim=64, mlp_dim=256)
   params = _abstract_params(cfg)
   temporaries = {}

@@ -1,4 +1,5 @@
-"""Tests for score_jax.chat: format texts, and token ids equal to what chat templates give."""
+"""Tests for score_jax.models.chat: format texts, and token ids equal to what chat templates
+give."""
 
 import importlib.util
 import json
@@ -7,9 +8,9 @@ import re
 
 import pytest
 
-from score_jax import chat
-from score_jax import loading
-from score_jax import vocab as vocab_lib
+from score_jax.models import chat
+from score_jax.models import loading
+from score_jax.models import vocab as vocab_lib
 
 _INSTRUCTION = ("There might be an error in the solution above. Correct it if there is one "
                 "and write the whole solution again.")

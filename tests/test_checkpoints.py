@@ -12,9 +12,9 @@ import optax
 import pytest
 
 from score_jax import checkpoints
-from score_jax import model as model_lib
 from score_jax import partitioning
-from score_jax import train_step as ts
+from score_jax.models import transformer as model_lib
+from score_jax.rl import train_step as ts
 from multidevice import run_with_devices
 
 CFG = model_lib.tiny_config()

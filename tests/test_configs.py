@@ -1,4 +1,4 @@
-"""Tests for score_jax.configs: parameter counts against published sizes, gin entry point."""
+"""Tests for score_jax.models.configs: parameter counts against published sizes, gin entry point."""
 
 import functools
 import math
@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from score_jax import configs
 from score_jax import experiment
-from score_jax import model
+from score_jax.models import configs
+from score_jax.models import transformer as model
 
 # Published parameter counts. Exact: keras-team/keras-hub presets ("params" of gemma_2b_en,
 # gemma_7b_en, gemma2_2b_en, gemma3_1b, gemma3_4b_text, gemma3_12b_text, gemma3_27b_text).

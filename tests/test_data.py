@@ -1,11 +1,11 @@
-"""Tests of the prompt pipeline (score_jax/data.py)."""
+"""Tests of the prompt pipeline (score_jax/data/pipeline.py)."""
 
 import json
 
 import pytest
 
-from score_jax import data
-from score_jax import tasks
+from score_jax.data import pipeline as data
+from score_jax.data import tasks
 
 EXAMPLES = [tasks.Example(id=str(i), prompt=f"p{i}", reference=f"r{i}") for i in range(10)]
 

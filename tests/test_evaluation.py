@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from score_jax import evaluation
+from score_jax.eval import evaluation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

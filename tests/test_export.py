@@ -1,4 +1,4 @@
-"""Tests for score_jax.export: what transformers reads from an exported directory.
+"""Tests for score_jax.export.huggingface: what transformers reads from an exported directory.
 
 * Tiny random models of every family: transformers' logits of the exported directory against
   ours, and `loading.load` of it returning the same config and parameters.
@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from score_jax import chat
 from score_jax import checkpoints
-from score_jax import export
-from score_jax import loading
-from score_jax import model
-from score_jax import vocab as vocab_lib
-from score_jax.model import ModelConfig
+from score_jax.export import huggingface as export
+from score_jax.models import chat
+from score_jax.models import loading
+from score_jax.models import transformer as model
+from score_jax.models import vocab as vocab_lib
+from score_jax.models.transformer import ModelConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

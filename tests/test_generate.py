@@ -1,5 +1,6 @@
-"""`python -m score_jax.generate`: greedy attempts equal a full-recompute decode, the format's
-stop token ends an attempt, trainer exports load, bad input is one line and exit status 2."""
+"""`python -m score_jax.decoding.generate`: greedy attempts equal a full-recompute decode,
+the format's stop token ends an attempt, trainer exports load, bad input is one line and exit
+status 2."""
 
 import os
 import subprocess
@@ -9,15 +10,15 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import chat
 from score_jax import checkpoints
-from score_jax import generate
-from score_jax import loading
-from score_jax import model as model_lib
-from score_jax import sampling
-from score_jax import tasks
-from score_jax import toy
-from score_jax import vocab as vocab_lib
+from score_jax.data import tasks
+from score_jax.data import toy
+from score_jax.decoding import generate
+from score_jax.decoding import sampling
+from score_jax.models import chat
+from score_jax.models import loading
+from score_jax.models import transformer as model_lib
+from score_jax.models import vocab as vocab_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_SPEC = {"kind": "char", "alphabet": toy.ALPHABET}
@@ -26,7 +27,7 @@ TOY_SPEC = {"kind": "char", "alphabet": toy.ALPHABET}
 def start_cli(*args, xla_flags: str = "") -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip())
-  return subprocess.Popen([sys.executable, "-m", "score_jax.generate", *args], cwd=ROOT,
+  return subprocess.Popen([sys.executable, "-m", "score_jax.decoding.generate", *args], cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

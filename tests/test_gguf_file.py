@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 
-from score_jax import gguf_file
+from score_jax.models import gguf_file
 
 
 def _write(path, fill, tensors=()):

@@ -1,4 +1,4 @@
-"""Tests for score_jax.loading: our logits against Hugging Face transformers (PyTorch, CPU).
+"""Tests for score_jax.models.loading: our logits against Hugging Face transformers (PyTorch, CPU).
 
 * Tiny random models of every supported family, saved by transformers as Hugging Face
   directories, check the directory reader and model.py's family switches.
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from score_jax import checkpoints
-from score_jax import configs
-from score_jax import loading
-from score_jax import model
+from score_jax.models import configs
+from score_jax.models import loading
+from score_jax.models import transformer as model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

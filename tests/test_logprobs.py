@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from score_jax import logprobs
-from score_jax import model as model_lib
-from score_jax import objectives
-from score_jax import sampling
-from score_jax import train_step
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
+from score_jax.rl import logprobs
+from score_jax.rl import objectives
+from score_jax.rl import train_step
 
 
 def unchunked(cfg, params, hidden, targets, log_probs_fn):

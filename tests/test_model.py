@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import model as model_lib
+from score_jax.models import transformer as model_lib
 
 CFG = model_lib.tiny_config(vocab_size=32, num_layers=4, attn_logit_softcap=20.0,
                             final_logit_softcap=30.0, sliding_window=3)

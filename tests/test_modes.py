@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cli import run_cli
-from score_jax import modes
-from score_jax import rollout as rollout_lib
-from score_jax import toy
+from score_jax.data import toy
+from score_jax.rl import modes
+from score_jax.rl import rollout as rollout_lib
 
 TOY = ["--gin_file=tasks/toy.gin", "--gin.toy.model_config.num_layers=1",
        "--gin.RunConfig.batch_prompts=2", "--gin.RunConfig.samples_per_prompt=2",

@@ -1,4 +1,4 @@
-"""Tests of score_jax.objectives against values worked out by hand on a tiny batch."""
+"""Tests of score_jax.rl.objectives against values worked out by hand on a tiny batch."""
 
 import dataclasses
 import math
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import objectives
+from score_jax.rl import objectives
 
 LN2 = math.log(2.0)
 

@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from multidevice import run_with_devices
-from score_jax import model as model_lib
 from score_jax import partitioning
+from score_jax.models import transformer as model_lib
 
 RULES = partitioning.DEFAULT_RULES
 SIZES = {"data": 2, "fsdp": 2, "tensor": 2}

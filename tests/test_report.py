@@ -12,9 +12,9 @@ from matplotlib import image
 import numpy as np
 import pytest
 
-from score_jax import evaluation
-from score_jax import plots
-from score_jax import report
+from score_jax.eval import evaluation
+from score_jax.eval import plots
+from score_jax.eval import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -165,7 +165,7 @@ def test_bad_work_dirs_are_one_line_errors(tmp_path, capsys, setup, message):
 
 
 def test_command_line(pipeline, tmp_path):
-  run = lambda *args: subprocess.run([sys.executable, "-m", "score_jax.report", *args],
+  run = lambda *args: subprocess.run([sys.executable, "-m", "score_jax.eval.report", *args],
                                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   bad = run(str(tmp_path / "missing"), f"--out={tmp_path}")
   assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path / 'missing'}: no such directory\n"

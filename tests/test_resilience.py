@@ -8,9 +8,9 @@ import sys
 import time
 
 from cli import ENV, ROOT, TINY, read_jsonl, run_main  # pylint: disable=g-bad-import-order
-from score_jax import data as data_lib
-from score_jax import toy
-from score_jax import trainer
+from score_jax.data import pipeline as data_lib
+from score_jax.data import toy
+from score_jax.rl import trainer
 
 
 def test_kill_9_then_restart_continues_with_same_data_order(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of score_jax.rollout on the host side: truncated attempts and their reward.
+"""Tests of score_jax.rl.rollout on the host side: truncated attempts and their reward.
 
 The reward pool is a stand-in (checks run in this process), and so is the sampler (a fixed
 `SampleOutput`) but in one slow test; the task, its vocabulary, the conversation and the
@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from score_jax import model as model_lib
-from score_jax import rollout as rollout_lib
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
-from score_jax import tasks
-from score_jax import toy
+from score_jax.data import tasks
+from score_jax.data import toy
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
+from score_jax.rl import rollout as rollout_lib
 
 N = 16  # max_new_tokens
 

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import logprobs
-from score_jax import model as model_lib
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
+from score_jax.rl import logprobs
 
 PAD = 0
 INSTRUCTION = [5, 6, 7]

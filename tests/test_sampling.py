@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
 
 DRAWS = 20_000
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from score_jax import scaling
+from score_jax.eval import scaling
 
 
 @pytest.mark.parametrize("answers, expected", [

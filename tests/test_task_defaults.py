@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from score_jax import experiment
-from score_jax import loading
 from score_jax import main
-from score_jax import rollout
-from score_jax import tasks
-from score_jax import trainer
-from score_jax import vocab as vocab_lib
+from score_jax.data import tasks
+from score_jax.models import loading
+from score_jax.models import vocab as vocab_lib
+from score_jax.rl import rollout
+from score_jax.rl import trainer
 
 MBPP_PATH = "/work/shared/data/mbpp/mbpp.jsonl"
 

@@ -1,4 +1,4 @@
-"""Tests of the tasks (score_jax/tasks.py), their gin files and the seqio extra."""
+"""Tests of the tasks (score_jax/data/tasks.py), their gin files and the seqio extra."""
 
 import importlib.util
 import json
@@ -8,8 +8,8 @@ import pickle
 import gin
 import pytest
 
-from score_jax import seqio_tasks
-from score_jax import tasks
+from score_jax.data import seqio_tasks
+from score_jax.data import tasks
 
 MBPP_PATH = "/work/shared/data/mbpp/mbpp.jsonl"
 GIN_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "gin", "tasks")

@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from score_jax import model as model_lib
-from score_jax import objectives
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
-from score_jax import trainer
-from score_jax import train_step as ts
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
+from score_jax.rl import objectives
+from score_jax.rl import train_step as ts
+from score_jax.rl import trainer
 
 CFG = model_lib.tiny_config(vocab_size=24)
 PROMPTS = [[3, 9, 4], [3, 9, 4], [8, 5], [8, 5]]  # 2 prompts x n=2 samples

@@ -1,4 +1,4 @@
-"""Tests for score_jax.vocab: the GGUF reader, and our tokenizers against transformers'.
+"""Tests for score_jax.models.vocab: the GGUF reader, and our tokenizers against transformers'.
 
 The reference tokenizers are transformers' own GGUF loaders
 (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`). Gemma's takes ~20 s (it rebuilds 262k
@@ -22,9 +22,9 @@ import re
 import gguf
 import pytest
 
-from score_jax import gguf_file
-from score_jax import loading
-from score_jax import vocab as vocab_lib
+from score_jax.models import gguf_file
+from score_jax.models import loading
+from score_jax.models import vocab as vocab_lib
 
 # Texts without special tokens, for round trips; `_EDGE_SPECIAL` adds special tokens as text.
 _EDGE = [

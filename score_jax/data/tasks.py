@@ -516,7 +516,7 @@ class HumanEvalTask(Task):
 
 
 def _tfds_task(**kwargs) -> Task:
-  from score_jax import seqio_tasks  # pylint: disable=g-import-not-at-top
+  from score_jax.data import seqio_tasks  # pylint: disable=g-import-not-at-top
   return seqio_tasks.TfdsMathTask(**kwargs)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
-from score_jax import gguf_file
+from score_jax.models import gguf_file
 
 
 class Vocabulary(abc.ABC):

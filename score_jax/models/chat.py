@@ -26,8 +26,8 @@ import json
 import os
 from typing import Optional, Sequence, Union
 
-from score_jax import gguf_file
-from score_jax import vocab as vocab_lib
+from score_jax.models import gguf_file
+from score_jax.models import vocab as vocab_lib
 
 _TEXT = "{text}"
 

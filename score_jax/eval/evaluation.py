@@ -27,7 +27,7 @@ import numpy as np
 from rapidfuzz import process as rf_process
 from rapidfuzz.distance import Levenshtein
 
-from score_jax import plots
+from score_jax.eval import plots
 
 HISTOGRAM = "edit_ratio_hist.png"  # Next to results.json.
 
@@ -152,8 +152,8 @@ def evaluate(conv, sampler, params, task, examples, pool, *, batch_size: int, rn
   """
   import jax  # pylint: disable=g-import-not-at-top
   from score_jax import metric_writers  # pylint: disable=g-import-not-at-top
-  from score_jax import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
-  from score_jax import sampling  # pylint: disable=g-import-not-at-top
+  from score_jax.rl import rollout as rollout_lib  # pylint: disable=g-import-not-at-top
+  from score_jax.decoding import sampling  # pylint: disable=g-import-not-at-top
   method = sampling.Greedy() if method is None else method
   rng = jax.random.PRNGKey(0) if rng is None else rng
   hosts = jax.process_count()

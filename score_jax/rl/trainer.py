@@ -34,16 +34,16 @@ import jax
 import optax
 
 from score_jax import checkpoints
-from score_jax import data as data_lib
 from score_jax import metric_writers
-from score_jax import model as model_lib
 from score_jax import partitioning
 from score_jax import preemption
-from score_jax import rollout as rollout_lib
-from score_jax import sampler as sampler_lib
-from score_jax import tasks
-from score_jax import train_step as ts
+from score_jax.data import pipeline as data_lib
+from score_jax.data import tasks
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.models import transformer as model_lib
 from score_jax.rewards import pool as pool_lib
+from score_jax.rl import rollout as rollout_lib
+from score_jax.rl import train_step as ts
 
 class UserError(Exception):
   """A problem with the user's input (config, paths): reported in one line, no traceback."""
@@ -96,7 +96,8 @@ class Policy:
 
 def make_pool(num_workers: int) -> pool_lib.RewardPool:
   """Reward worker processes, with the answer checkers imported up front."""
-  return pool_lib.RewardPool(num_workers, preload=("score_jax.tasks", "score_jax.rewards.math"))
+  return pool_lib.RewardPool(num_workers,
+                             preload=("score_jax.data.tasks", "score_jax.rewards.math"))
 
 
 def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:

@@ -29,10 +29,10 @@ from typing import Optional, Sequence
 import gin
 import numpy as np
 
-from score_jax import chat
-from score_jax import model as model_lib
-from score_jax import tasks
-from score_jax import vocab as vocab_lib
+from score_jax.data import tasks
+from score_jax.models import chat
+from score_jax.models import transformer as model_lib
+from score_jax.models import vocab as vocab_lib
 
 ALPHABET = "0123456789+# \nchek:"
 INSTRUCTION = "check:"

@@ -1,4 +1,5 @@
-r"""A page of pictures for work dirs: `python -m score_jax.report WORKDIR [WORKDIR ...] --out=DIR`.
+r"""A page of pictures for work dirs:
+`python -m score_jax.eval.report WORKDIR [WORKDIR ...] --out=DIR`.
 
 A WORKDIR is a training run (it holds metrics.jsonl), an evaluation (results.json and
 samples.jsonl), or a directory holding such runs one level down, such as a pipeline's
@@ -24,8 +25,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from score_jax import evaluation
-from score_jax import plots
+from score_jax.eval import evaluation
+from score_jax.eval import plots
 
 REPORT = "report.md"
 PLOTS = "plots"
@@ -167,7 +168,7 @@ def write_report(workdirs: Sequence[str], out: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m score_jax.report",
+      prog="python -m score_jax.eval.report",
       description="Training curves, edit-distance-ratio histograms and report.md of work dirs.")
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR",
                       help="a training run, an evaluation, or a pipeline's work dir")

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from score_jax import model as model_lib
 from score_jax import partitioning
-from score_jax import sampling
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
 
 Array = jax.Array
 

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 from typing import Any, Mapping, Optional
 
-from score_jax import tasks
+from score_jax.data import tasks
 
 _FEATURES = tuple(field.name for field in dataclasses.fields(tasks.Example))
 
@@ -32,7 +32,7 @@ def _import_seqio():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "score_jax.seqio_tasks needs seqio, tensorflow and tensorflow-datasets; install "
+        "score_jax.data.seqio_tasks needs seqio, tensorflow and tensorflow-datasets; install "
         f"them with: pip install 'score_jax[seqio]' (import failed: {e})") from e
   return seqio, tf
 

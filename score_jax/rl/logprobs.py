@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from score_jax import model as model_lib
+from score_jax.models import transformer as model_lib
 
 Array = jax.Array
 LogProbsFn = Callable[[Array], Array]  # float32 logits [..., V] -> log-probs [..., V]

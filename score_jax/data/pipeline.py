@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import grain
 import jax
 
-from score_jax import tasks
+from score_jax.data import tasks
 
 # State keys that must match between `get_state` and `set_state`.
 _CONFIG_KEYS = ("num_examples", "batch_size", "seed", "shuffle", "num_epochs", "shard_count",

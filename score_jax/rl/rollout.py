@@ -18,11 +18,11 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from score_jax import chat
-from score_jax import sampler as sampler_lib
-from score_jax import sampling
-from score_jax import tasks
-from score_jax import vocab as vocab_lib
+from score_jax.data import tasks
+from score_jax.decoding import sampler as sampler_lib
+from score_jax.decoding import sampling
+from score_jax.models import chat
+from score_jax.models import vocab as vocab_lib
 
 
 @dataclasses.dataclass(frozen=True)

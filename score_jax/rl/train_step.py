@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from score_jax import logprobs
-from score_jax import model as model_lib
-from score_jax import objectives
-from score_jax import sampling
+from score_jax.decoding import sampling
+from score_jax.models import transformer as model_lib
+from score_jax.rl import logprobs
+from score_jax.rl import objectives
 
 Array = jax.Array
 Batch = dict[str, Array]

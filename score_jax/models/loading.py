@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 
-from score_jax import chat
 from score_jax import checkpoints
-from score_jax import gguf_file
-from score_jax import model
-from score_jax import vocab as vocab_lib
-from score_jax.model import ModelConfig
+from score_jax.models import chat
+from score_jax.models import gguf_file
+from score_jax.models import transformer as model
+from score_jax.models import vocab as vocab_lib
+from score_jax.models.transformer import ModelConfig
 
 Params = Any
 

@@ -1,0 +1,2 @@
+"""Evaluation: the paper's self-correction metrics, inference-compute scaling, ablations,
+reports."""

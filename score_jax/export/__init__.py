@@ -1,0 +1,1 @@
+"""Export: trained models as directories that Hugging Face transformers and vLLM load."""

@@ -1,0 +1,2 @@
+"""Models: the transformer, its named configurations, tokenizers, chat formats and weight
+loading."""
