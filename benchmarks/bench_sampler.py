@@ -14,12 +14,12 @@ its own GGUF reader).
 
 * ours: `sampler.sample`, one compiled program for both attempts, compiled ahead of time (the
   compile time is exact); a stop id no token has, so no attempt ends early. Its decode layers
-  run unrolled (the CPU default: `unroll_decode`); its XLA buffers (arguments, temporaries)
-  are printed too.
-* ours_scanned: the same with the decode layers scanned over their stack (what accelerators
-  run; `RunConfig.unroll_decode = False`): one layer's code instead of one per layer and
-  attempt, and no copy of the layers' weights held through the call, at the price of a copy
-  of each layer's weights out of the stack at every step.
+  are scanned over their stack (the default): one layer's code, and no copy of the layers'
+  weights held through the call, at the price of a copy of each layer's weights out of the
+  stack at every step (XLA:CPU's). Its XLA buffers (arguments, temporaries) are printed too.
+* ours_unrolled: the same with the decode layers unrolled on weight slices taken once per
+  call (`RunConfig.unroll_decode = True`): one layer's code per layer and attempt, a copy of
+  the layers' weights held through the call.
 * transformers: `generate` for attempt 1, the instruction appended, `generate` for attempt 2
   continuing attempt 1's KV cache; `min_new_tokens = N`, so EOS never stops it. Eager PyTorch:
   nothing to compile.
@@ -41,7 +41,7 @@ that the sides compute the same thing: the printed agreement counts, per row and
 tokens equal to ours before the first difference.
 
 For each model and batch the script prints `ratio ours/transformers: 2.31x` and
-`ratio ours/tunix: 1.52x` lines (throughput ratios; `ratio ours_scanned/...` lines likewise),
+`ratio ours/tunix: 1.52x` lines (throughput ratios; `ratio ours_unrolled/...` lines likewise),
 then a profile of our decode step (its parts timed alone: the layers, the output head, the
 choice of the token) next to its bound on this machine, measured in the same run: weight and
 KV-cache bytes / read bandwidth, and matmul FLOPs / float32 matmul FLOP/s (see yardsticks.py);
@@ -85,7 +85,7 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per at
                                        lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per side (after one warm-up).",
                                 lower_bound=1)
-_SIDES = flags.DEFINE_list("sides", ["ours", "ours_scanned", "transformers", "tunix"],
+_SIDES = flags.DEFINE_list("sides", ["ours", "ours_unrolled", "transformers", "tunix"],
                            "Sides to run.")
 _TUNIX_PYTHON = flags.DEFINE_string(
     "tunix_python", "", "Python of the venv with Tunix (`make bench-peers-venv`: "
@@ -98,7 +98,7 @@ _TORCH_THREADS = flags.DEFINE_integer(
     lower_bound=0)
 _TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds allowed to one side's process.")
 # Internal: run one side in this process (the driver starts these).
-_WORKER = flags.DEFINE_enum("worker", None, ["ours", "ours_scanned", "transformers", "tunix",
+_WORKER = flags.DEFINE_enum("worker", None, ["ours", "ours_unrolled", "transformers", "tunix",
                                               "profile"],
                             "Internal: the side this process runs.")
 _JOB = flags.DEFINE_string("job", None, "Internal: the worker's job file (JSON).")
@@ -179,7 +179,7 @@ def _timed_runs(run, repeats: int) -> dict[str, Any]:
 # The sides. Each returns {"compile_s", "first_s", "run_s", "runs_s", "tokens" [K, B, N]}.
 
 
-def _ours(job: dict[str, Any], unroll_decode: Optional[bool] = None) -> dict[str, Any]:
+def _ours(job: dict[str, Any], unroll_decode: bool = False) -> dict[str, Any]:
   cfg, params, _ = loading.load(job["model"])
   params = jax.device_put(params)
   _reset_peak_rss()
@@ -413,19 +413,16 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   out = {"bandwidth": yardsticks.memory_bandwidth(),
          "matmul_flops": yardsticks.matmul_flops_per_s(2048), "span": span, "batches": {}}
 
-  # The decode step as the sampler runs it on a CPU: the layers unrolled on weight slices
-  # taken once per call (`unroll_decode`), here once for all steps.
-  params = (params, model_lib.unstack_layers(cfg, params))
-
+  # The decode step as the sampler runs it by default: the layers scanned over their stack.
   def layers(p, tok, pos, cache):
-    return model_lib.apply(cfg, p[0], tok, pos, cache, None, p[1])  # all its slots
+    return model_lib.apply(cfg, p, tok, pos, cache)  # all its slots
 
   def step(p, tok, pos, cache, key):
     hidden, cache = layers(p, tok, pos, cache)
-    return method.choose(model_lib.logits_of(cfg, p[0], hidden[:, 0]), key)[0], cache
+    return method.choose(model_lib.logits_of(cfg, p, hidden[:, 0]), key)[0], cache
 
   layers_fn = jax.jit(layers, donate_argnums=3)
-  head_fn = jax.jit(lambda p, h: model_lib.logits_of(cfg, p[0], h))
+  head_fn = jax.jit(lambda p, h: model_lib.logits_of(cfg, p, h))
   choose_fn = jax.jit(lambda logits, key: method.choose(logits, key)[0])
   step_fn = jax.jit(step, donate_argnums=3)
   key = sampler_lib.token_key(jax.random.PRNGKey(0))  # The decode loop's kind of key.
@@ -465,9 +462,9 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-_SIDES_FNS = {"ours": _ours, "ours_scanned": functools.partial(_ours, unroll_decode=False),
+_SIDES_FNS = {"ours": _ours, "ours_unrolled": functools.partial(_ours, unroll_decode=True),
               "transformers": _transformers, "tunix": _tunix, "profile": _profile}
-_OURS = ("ours", "ours_scanned")
+_OURS = ("ours", "ours_unrolled")
 
 
 def _worker_main(side: str, job_path: str) -> None:
@@ -585,9 +582,9 @@ def _print_profile(p: dict[str, Any], batches: Sequence[int]) -> None:
 
 def table(rows: list[tuple[str, int, dict[str, dict[str, Any]]]], tokens_of) -> str:
   """Markdown table of every (model, batch): throughput, ratios, compile time, peak RSS."""
-  out = ["| model | batch | tokens/s ours | ours scanned | transformers | Tunix | "
-         "ours/transformers | scanned/transformers | ours/Tunix | scanned/Tunix | compile ours "
-         "/ scanned / Tunix (s) | peak RSS ours / scanned / transformers / Tunix (GB) |",
+  out = ["| model | batch | tokens/s ours | ours unrolled | transformers | Tunix | "
+         "ours/transformers | unrolled/transformers | ours/Tunix | unrolled/Tunix | compile ours "
+         "/ unrolled / Tunix (s) | peak RSS ours / unrolled / transformers / Tunix (GB) |",
          "|" + "---|" * 12]
   for model, batch, res in rows:
     def cell(side, fmt, res=res):

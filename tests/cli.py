@@ -49,9 +49,6 @@ ONE_STEP = [  # Sizes only, for real-model commands; every mode's scope, as gin 
     "--gin.RunConfig.batch_prompts=2", "--gin.RunConfig.samples_per_prompt=1",
     "--gin.RunConfig.max_new_tokens=8", "--gin.RunConfig.reward_workers=1",
     "--gin.eval_config.num_problems=2", "--gin.eval_config.batch_size=2",
-    # Decode layers scanned: a few tokens do not repay an unrolled program's longer compile
-    # (the two are compared in test_sampler.py).
-    "--gin.RunConfig.unroll_decode=False",
 ]
 
 

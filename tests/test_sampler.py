@@ -47,7 +47,7 @@ def naive_greedy(cfg, params, prompt, num_attempts, eot_id):
   return seq, attempts
 
 
-def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=None):
+def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False):
   return sampler_lib.Sampler(cfg, num_attempts=num_attempts, max_new_tokens=MAX_NEW,
                              max_prompt_len=6, instruction=INSTRUCTION, eot_id=eot_id,
                              pad_id=PAD, unroll_decode=unroll_decode)
@@ -63,7 +63,7 @@ def pick_eot(cfg, params):
   raise AssertionError("random model too degenerate for this test")
 
 
-# Decoding with the layers unrolled (the CPU default) and scanned over their stack.
+# Decoding with the layers unrolled and scanned over their stack (the default).
 @pytest.mark.parametrize("num_attempts, unroll_decode", [(2, True), (3, False)])
 def test_greedy_matches_naive_reference(cfg_params, num_attempts, unroll_decode):
   cfg, params = cfg_params

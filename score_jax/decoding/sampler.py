@@ -144,7 +144,7 @@ def token_key(rng: Array) -> Array:
 def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Array,
            rng: Array, *, model_cfg: model_lib.ModelConfig, method: sampling.Method,
            num_attempts: int, max_new_tokens: int, eot_id: int, pad_id: int,
-           cache_dtype: Any = None, unroll_decode: Optional[bool] = None) -> SampleOutput:
+           cache_dtype: Any = None, unroll_decode: bool = False) -> SampleOutput:
   """Generates `num_attempts` attempts per prompt. Pure; jit with the keyword args static.
 
   Args:
@@ -158,9 +158,11 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
     method: how tokens are chosen (`sampling.Greedy()` or `sampling.Sampling(...)`).
     cache_dtype: dtype of the KV cache; None: the model's compute dtype.
     unroll_decode: decode with the layers unrolled on weight slices taken once per call
-      (faster on CPUs, whose XLA copies a scanned layer's weights out of the stack at every
-      step) rather than scanned over the stack (one layer's code, less memory: what
-      accelerators want). None: unrolled on a CPU backend only.
+      rather than scanned over the stack. The scanned program (default) is one layer's code:
+      it compiles ~4x faster and holds no copy of the layers' weights through the call (peak
+      memory at or below transformers'); unrolled decodes ~10% faster on a CPU, whose XLA
+      copies a scanned layer's weights out of the stack at every step, for a copy of all the
+      layers' weights held through the call (benchmarks/bench_sampler.py prints both).
   """
   batch, prompt_len = prompts.shape
   n_instr = instruction.shape[0]
@@ -186,8 +188,6 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       next_logits=model_lib.logits_of(model_cfg, params, hidden[rows, prompt_lengths - 1]),
       rng=token_key(rng))
 
-  if unroll_decode is None:
-    unroll_decode = jax.default_backend() == "cpu"
   layers = model_lib.unstack_layers(model_cfg, params) if unroll_decode else None
   decode = functools.partial(_decode_attempt, params=params, layers=layers,
                              model_cfg=model_cfg, method=method, max_new_tokens=max_new_tokens,
@@ -248,7 +248,7 @@ class Sampler:
                max_new_tokens: int, max_prompt_len: int, instruction: Sequence[int],
                eot_id: int, pad_id: int, mesh: Optional[Mesh] = None,
                cache_dtype: Any = None, max_batch: Optional[int] = None,
-               unroll_decode: Optional[bool] = None, prompt_bucket: Optional[int] = None):
+               unroll_decode: bool = False, prompt_bucket: Optional[int] = None):
     if num_attempts < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
     if max_batch is not None and max_batch < 1:

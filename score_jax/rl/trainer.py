@@ -73,8 +73,8 @@ class RunConfig:
   logprob_chunk_len: Optional[int] = 256  # positions per log-prob chunk (None: unchunked)
   sampler_max_batch: Optional[int] = None  # rows per sampler call (None: the whole batch)
   cache_dtype: Optional[str] = None  # KV cache dtype, e.g. "bfloat16" (None: compute dtype)
-  unroll_decode: Optional[bool] = None  # decode layers unrolled: faster tokens on a CPU, a
-                                        # compile several times longer (None: on a CPU only)
+  unroll_decode: bool = False     # decode layers unrolled: ~10% faster tokens on a CPU, a
+                                  # compile ~4x longer, a copy of the layers' weights held
   prompt_bucket: Optional[int] = 64  # prompts padded to a multiple of it, not max_prompt_len
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
