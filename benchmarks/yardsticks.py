@@ -1,13 +1,13 @@
 """What the benchmarks measure against: the model's work, counted, and the machine's peaks.
 
-Counted work (exact for `model.py`'s computation, checked against the matmuls of its jaxpr in
+Counted work (exact for `models/transformer.py`'s computation, checked against the matmuls of its jaxpr in
 tests/test_benchmarks.py):
 
 * `matmul_params(cfg)`: weights that enter a matmul: per layer the q, k, v, o projections and
   the three MLP matrices, plus the output head (the tied embedding counted once). Norm scales
   and biases are left out (they are no matmul; < 0.1% of the parameters here).
 * `attention_flops(cfg, q_len, k_len)`: one sequence's score (Q K^T) and mix (P V) matmuls
-  over all layers: 2 * 2 * q_len * k_len * num_heads * head_dim per layer. `model.py`
+  over all layers: 2 * 2 * q_len * k_len * num_heads * head_dim per layer. `models/transformer.py`
   computes every query against every key in its span and masks afterwards, so this counts the
   full rectangle (as PaLM's model-FLOPs formula does), not the causal half.
 * `train_flops(cfg, batch, seq_len)`: model FLOPs of one training step on B sequences of T

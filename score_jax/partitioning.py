@@ -1,7 +1,7 @@
 """Partitioning: the device mesh, logical-axis rules, and shardings for train-state pieces.
 
 The model names every parameter dimension and its main activations with logical axes
-("embed", "act_batch", ...; see `model.py`). This module maps those names onto a 3-axis
+("embed", "act_batch", ...; see `models/transformer.py`). This module maps those names onto a 3-axis
 device mesh:
 
 * "data":   pure data parallelism (parameters replicated along it);

@@ -1,7 +1,7 @@
 """Tests for score_jax.models.loading: our logits against Hugging Face transformers (PyTorch, CPU).
 
 * Tiny random models of every supported family, saved by transformers as Hugging Face
-  directories, check the directory reader and model.py's family switches.
+  directories, check the directory reader and models/transformer.py's family switches.
 * Tiny GGUF files, written here as llama.cpp's converter writes them (Q8_0 matrices, Gemma
   norms stored as 1 + scale, Llama q/k rows interleaved per head), are read by us and, on its
   own, by transformers: the logits of the two readings must agree.

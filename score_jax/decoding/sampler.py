@@ -9,15 +9,16 @@ Layout. Every sequence lives in a conversation buffer of T = P + K * N + (K - 1)
 tokens (P prompt slots, N new tokens per attempt, L instruction tokens), written contiguously
 from index 0: a sequence that stops early in attempt 1 gets its instruction right after its
 last token, and positions run without holes across turns, exactly as a chat would show it.
-The KV cache has T slots too, but shared by the rows (see model.py): every decode step writes
+The KV cache has T slots too, but shared by the rows (see models/transformer.py): every decode step writes
 slot s of all rows with one `dynamic_update_slice`, each row's keys carrying their own
 position, and slots a row did not fill (prompt padding, steps after it ended an attempt)
 hold position -1 and are never attended. So the model sees exactly the contiguous
 conversation, and the cache is written without any scatter.
 
 Cost of a decode step. The KV cache lives in the loop carry and each layer writes its one new
-key/value per row in place (no copy of the cache per token); the layers' weights are sliced
-off their stack once per call, not once per token (`model.apply(..., layers=...)`); prompts
+key/value per row in place (no copy of the cache per token); with `unroll_decode` the layers'
+weights are sliced off their stack once per call, not once per token (`model.apply(...,
+layers=...)`); prompts
 are prefilled without logits except at each prompt's last position; attention reads only the
 slots an attempt can have reached (`attend_len`, static per attempt), not the whole buffer;
 the cache may be kept in bfloat16 (`cache_dtype`).
