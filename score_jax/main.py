@@ -194,6 +194,31 @@ def missing_message(files: Sequence[str], missing: Sequence[str]) -> str:
   return f"{given} lacks: " + "; ".join(parts) + ". See --help."
 
 
+# Modules that moved into subpackages (models/, decoding/, rl/, data/, eval/, export/): a
+# user's gin file that imports one by its old name gets the new one in its error.
+MOVED_MODULES = {
+    "model": "models.transformer", "configs": "models.configs", "loading": "models.loading",
+    "gguf_file": "models.gguf_file", "vocab": "models.vocab", "chat": "models.chat",
+    "sampler": "decoding.sampler", "sampling": "decoding.sampling",
+    "generate": "decoding.generate", "objectives": "rl.objectives", "logprobs": "rl.logprobs",
+    "train_step": "rl.train_step", "modes": "rl.modes", "trainer": "rl.trainer",
+    "rollout": "rl.rollout", "data": "data.pipeline", "tasks": "data.tasks",
+    "seqio_tasks": "data.seqio_tasks", "toy": "data.toy", "evaluation": "eval.evaluation",
+    "report": "eval.report", "plots": "eval.plots", "ablations": "eval.ablations",
+    "scaling": "eval.scaling", "export": "export.huggingface",
+}
+
+
+def _import_error(e: ImportError) -> str:
+  """One line for a gin file's failed import, with the new name of a moved module."""
+  line = str(e).splitlines()[0]
+  missing = getattr(e.__context__, "name", None) or ""
+  old = missing.removeprefix("score_jax.")
+  if missing.startswith("score_jax.") and old in MOVED_MODULES:
+    line += f": it moved to score_jax.{MOVED_MODULES[old]} (import that in your gin file)"
+  return f"bad gin config: {line}"
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Parses the gin files and bindings; UserError for anything missing or malformed."""
   gin.add_config_file_search_path(str(GIN_DIR))
@@ -207,6 +232,8 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   except (ValueError, KeyError, TypeError, SyntaxError) as e:
     raise experiment.UserError(f"bad gin config: {str(e).splitlines()[0]}") from None
+  except ImportError as e:
+    raise experiment.UserError(_import_error(e)) from None
   missing = list(dict.fromkeys(experiment.missing_settings() +
                                _undefined_macros(files, bindings)))
   if missing:

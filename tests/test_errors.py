@@ -8,6 +8,7 @@ the headline command runs as a real subprocess.
 """
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import pytest
 
 from cli import run_cli
+from score_jax import main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_TASKS = ("gsm8k", "humaneval", "jsonl", "math", "mbpp", "toy")
@@ -93,6 +95,25 @@ def test_missing_or_bad_settings(tmp_path, args, expected):
   with contextlib.chdir(tmp_path):
     assert_one_line(*run_cli(*args), *expected)
   assert not os.path.exists(tmp_path / "w")  # Refused before anything was written.
+
+
+def test_gin_file_importing_a_module_by_its_old_name(tmp_path):
+  old = tmp_path / "old.gin"
+  old.write_text("import score_jax.trainer\n")
+  with contextlib.chdir(tmp_path):
+    assert_one_line(*run_cli(f"--gin_file={old}"), "bad gin config",
+                    "No module named 'score_jax.trainer'", "moved to score_jax.rl.trainer")
+    old.write_text("import score_jax.no_such_module\n")
+    line = assert_one_line(*run_cli(f"--gin_file={old}"), "bad gin config",
+                           "No module named 'score_jax.no_such_module'")
+    assert "moved" not in line
+
+
+def test_moved_modules_name_modules_that_exist_and_old_names_that_do_not():
+  for old, new in main_lib.MOVED_MODULES.items():
+    assert importlib.util.find_spec(f"score_jax.{new}") is not None, new
+    if old not in ("data", "export"):  # Now subpackages of those names.
+      assert importlib.util.find_spec(f"score_jax.{old}") is None, old
 
 
 def _nothing_but_config(workdir) -> None:
