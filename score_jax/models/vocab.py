@@ -218,6 +218,18 @@ _GGUF_TOKENIZER_KEYS = frozenset({
 })
 
 
+def _tokenizer_metadata(path: Union[str, os.PathLike], model: str, kind: str,
+                        metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """A GGUF file's tokenizer metadata (read unless given); ValueError unless its model is
+  `model` (`kind` names it in the message)."""
+  if metadata is None:
+    metadata = gguf_file.read_metadata(path, _GGUF_TOKENIZER_KEYS)
+  if metadata.get("tokenizer.ggml.model") != model:
+    raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
+                     f"{kind} ({model!r})")
+  return metadata
+
+
 def sentencepiece_proto_from_gguf(path: Union[str, os.PathLike],
                                   metadata: Optional[dict[str, Any]] = None) -> bytes:
   """A serialized SentencePiece `ModelProto` (a `tokenizer.model`) rebuilt from a GGUF.
@@ -232,11 +244,7 @@ def sentencepiece_proto_from_gguf(path: Union[str, os.PathLike],
     path: a .gguf file.
     metadata: its tokenizer metadata, when already read.
   """
-  if metadata is None:
-    metadata = gguf_file.read_metadata(path, _GGUF_TOKENIZER_KEYS)
-  if metadata.get("tokenizer.ggml.model") != "llama":
-    raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
-                     "SentencePiece ('llama')")
+  metadata = _tokenizer_metadata(path, "llama", "SentencePiece", metadata)
   tokens = metadata["tokenizer.ggml.tokens"]
   scores = metadata["tokenizer.ggml.scores"]
   types = metadata["tokenizer.ggml.token_type"]
@@ -341,10 +349,7 @@ class BPEVocab(Vocabulary):
     `tokenizer.ggml.pre` picks how text is split before merging (see `_BPE_FAMILIES`).
     """
     tokenizers = _import_tokenizers()
-    metadata = gguf_file.read_metadata(path, _GGUF_TOKENIZER_KEYS)
-    if metadata.get("tokenizer.ggml.model") != "gpt2":
-      raise ValueError(f"{path}: tokenizer {metadata.get('tokenizer.ggml.model')!r} is not "
-                       "byte-level BPE ('gpt2')")
+    metadata = _tokenizer_metadata(path, "gpt2", "byte-level BPE")
     tokens = metadata["tokenizer.ggml.tokens"]
     types = metadata["tokenizer.ggml.token_type"]
     alphabet = set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
