@@ -1,7 +1,7 @@
 """What the benchmarks measure against: the model's work, counted, and the machine's peaks.
 
-Counted work (exact for `models/transformer.py`'s computation, checked against the matmuls of its jaxpr in
-tests/test_benchmarks.py):
+Counted work (exact for `models/transformer.py`'s computation, checked against the matmuls of
+its jaxpr in tests/test_benchmarks.py):
 
 * `matmul_params(cfg)`: weights that enter a matmul: per layer the q, k, v, o projections and
   the three MLP matrices, plus the output head (the tied embedding counted once). Norm scales

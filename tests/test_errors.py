@@ -112,8 +112,7 @@ def test_gin_file_importing_a_module_by_its_old_name(tmp_path):
 def test_moved_modules_name_modules_that_exist_and_old_names_that_do_not():
   for old, new in main_lib.MOVED_MODULES.items():
     assert importlib.util.find_spec(f"score_jax.{new}") is not None, new
-    if old not in ("data", "export"):  # Now subpackages of those names.
-      assert importlib.util.find_spec(f"score_jax.{old}") is None, old
+    assert importlib.util.find_spec(f"score_jax.{old}") is None, old
 
 
 def _nothing_but_config(workdir) -> None:

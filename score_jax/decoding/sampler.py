@@ -9,8 +9,8 @@ Layout. Every sequence lives in a conversation buffer of T = P + K * N + (K - 1)
 tokens (P prompt slots, N new tokens per attempt, L instruction tokens), written contiguously
 from index 0: a sequence that stops early in attempt 1 gets its instruction right after its
 last token, and positions run without holes across turns, exactly as a chat would show it.
-The KV cache has T slots too, but shared by the rows (see models/transformer.py): every decode step writes
-slot s of all rows with one `dynamic_update_slice`, each row's keys carrying their own
+The KV cache has T slots too, but shared by the rows (see models/transformer.py): every decode
+step writes slot s of all rows with one `dynamic_update_slice`, each row's keys carrying their own
 position, and slots a row did not fill (prompt padding, steps after it ended an attempt)
 hold position -1 and are never attended. So the model sees exactly the contiguous
 conversation, and the cache is written without any scatter.

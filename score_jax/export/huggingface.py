@@ -97,7 +97,8 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, Any], dtype: Any,
     dtype: the weights' dtype (numpy or jax).
     max_position_embeddings: the context length; None leaves the family's default.
   Raises:
-    ValueError: when the family's transformers model would not compute what models/transformer.py does.
+    ValueError: when the family's transformers model would not compute what
+      models/transformer.py does.
   """
   kind = _model_type(cfg)
   act = "silu" if cfg.activation == "silu" else "gelu_pytorch_tanh"

@@ -501,7 +501,8 @@ def _text_decoder_name(name: str) -> Optional[str]:
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   """Our config of a Hugging Face config.json (a dict; text decoders; of Gemma 3's multimodal
-  model_type "gemma3", its text_config). Raises ValueError for what models/transformer.py cannot run."""
+  model_type "gemma3", its text_config). Raises ValueError for what models/transformer.py cannot
+  run."""
   if hf.get("model_type") == "gemma3":
     hf = dict(_GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {}))
   kind = hf.get("model_type")
