@@ -47,10 +47,10 @@ def naive_greedy(cfg, params, prompt, num_attempts, eot_id):
   return seq, attempts
 
 
-def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False):
+def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False, attend_spans=4):
   return sampler_lib.Sampler(cfg, num_attempts=num_attempts, max_new_tokens=MAX_NEW,
                              max_prompt_len=6, instruction=INSTRUCTION, eot_id=eot_id,
-                             pad_id=PAD, unroll_decode=unroll_decode)
+                             pad_id=PAD, unroll_decode=unroll_decode, attend_spans=attend_spans)
 
 
 def pick_eot(cfg, params):
@@ -63,13 +63,15 @@ def pick_eot(cfg, params):
   raise AssertionError("random model too degenerate for this test")
 
 
-# Decoding with the layers unrolled and scanned over their stack (the default).
-@pytest.mark.parametrize("num_attempts, unroll_decode", [(2, True), (3, False)])
-def test_greedy_matches_naive_reference(cfg_params, num_attempts, unroll_decode):
+# Decoding with the layers unrolled and scanned over their stack (the default), in one loop
+# per attempt attending every slot it can reach and in several attending growing spans.
+@pytest.mark.parametrize("num_attempts, unroll_decode, attend_spans",
+                         [(2, True, 4), (3, False, 4), (2, False, 1)])
+def test_greedy_matches_naive_reference(cfg_params, num_attempts, unroll_decode, attend_spans):
   cfg, params = cfg_params
   eot = pick_eot(cfg, params)
-  out = make_sampler(cfg, eot, num_attempts, unroll_decode)(params, PROMPTS, jax.random.PRNGKey(0),
-                                              sampling.Greedy())
+  out = make_sampler(cfg, eot, num_attempts, unroll_decode, attend_spans)(
+      params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())
   att_lengths = np.asarray(out.attempt_lengths)
   assert len(set(att_lengths[0].tolist())) >= 2, "attempt-1 lengths should be uneven"
   for b, prompt in enumerate(PROMPTS):
@@ -138,6 +140,35 @@ def test_sampling_is_stochastic_and_seeded(cfg_params):
   assert (np.asarray(a) != np.asarray(c)).any()
 
 
+def test_span_ends():
+  assert sampler_lib.span_ends(7, 4) == [2, 4, 6, 7]
+  assert sampler_lib.span_ends(8, 4) == [2, 4, 6, 8]
+  assert sampler_lib.span_ends(3, 4) == [1, 2, 3]
+  assert sampler_lib.span_ends(5, 1) == [5]
+
+
+def test_attention_span_grows_with_the_decode_loops(cfg_params, monkeypatch):
+  """Each decode loop attends the slots its last step can have filled, no more: the prefill
+  the prompt, attempt 1's loops P + 2, 4, 6, 7 slots, the instruction P + N + L, attempt
+  2's loops P + N + L + 2, ..., up to the whole buffer."""
+  cfg, params = cfg_params
+  spans = []
+  apply = model_lib.apply
+
+  def recording_apply(cfg, params, tokens, positions, cache=None, attend_len=None, layers=None):
+    spans.append(attend_len)
+    return apply(cfg, params, tokens, positions, cache, attend_len, layers)
+
+  monkeypatch.setattr(sampler_lib.model_lib, "apply", recording_apply)
+  prompts = jnp.zeros((2, 6), jnp.int32)
+  jax.eval_shape(lambda p: sampler_lib.sample(
+      p, prompts, jnp.array([3, 6]), jnp.array(INSTRUCTION), jax.random.PRNGKey(0),
+      model_cfg=cfg, method=sampling.Greedy(), num_attempts=2, max_new_tokens=MAX_NEW,
+      eot_id=1, pad_id=PAD, attend_spans=4), params)
+  total = sampler_lib.buffer_length(6, 2, MAX_NEW, len(INSTRUCTION))
+  assert spans == [6, 8, 10, 12, 13, 16, 18, 20, 22, 23] and total == 23
+
+
 def test_no_recompilation_at_fixed_shapes(cfg_params):
   cfg, params = cfg_params
   s = make_sampler(cfg, eot_id=3)
@@ -155,6 +186,8 @@ def test_prompt_that_does_not_fit_is_an_error(cfg_params):
     make_sampler(cfg, eot_id=3)(params, [[1] * 7], jax.random.PRNGKey(0), sampling.Greedy())
   with pytest.raises(ValueError, match="at least one token"):
     make_sampler(cfg, eot_id=3)(params, [[]], jax.random.PRNGKey(0), sampling.Greedy())
+  with pytest.raises(ValueError, match="attend_spans"):
+    make_sampler(cfg, eot_id=3, attend_spans=0)
 
 
 def test_max_batch_runs_chunks_of_rows(cfg_params):

@@ -76,6 +76,8 @@ class RunConfig:
   unroll_decode: bool = False     # decode layers unrolled: ~10% faster tokens on a CPU, a
                                   # compile ~4x longer, a copy of the layers' weights held
   prompt_bucket: Optional[int] = 64  # prompts padded to a multiple of it, not max_prompt_len
+  attend_spans: int = 4           # decode loops per attempt, each attending only the cache
+                                  # slots it can have filled (more: less attention, longer compile)
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
   export: str = "best"            # "best" (by smoothed training reward) or "last"
@@ -190,7 +192,8 @@ def sampler_options(cfg: RunConfig) -> dict[str, Any]:
   if cfg.prompt_bucket is not None and cfg.prompt_bucket < 1:
     raise UserError(f"RunConfig.prompt_bucket must be >= 1 or None, got {cfg.prompt_bucket}")
   return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype,
-          "prompt_bucket": cfg.prompt_bucket, "unroll_decode": cfg.unroll_decode}
+          "prompt_bucket": cfg.prompt_bucket, "unroll_decode": cfg.unroll_decode,
+          "attend_spans": cfg.attend_spans}
 
 
 def train(mode: Any, workdir: str, task: tasks.Task, policy: Policy, ref_params: Any,
