@@ -17,12 +17,12 @@ Parameters are float32 master weights; `--dtype` is the compute dtype.
 Reported: compile time; step time (median of `repeats` after a warm-up); achieved model
 FLOP/s = model FLOPs / step time with
 
-    model FLOPs = 6 * P * B * T + 12 * L * H * d_head * T^2 * B
+    model FLOPs = 6 * P * B * T + 12 * L * H * d_head * c * T^2 * B
 
 (P: weights in matmuls, the tied embedding once as the output head; L layers, H query heads
-of d_head; see yardsticks.py: the attention term is the score and mix matmuls, 2 * 2 * T^2 *
-H * d_head per layer and sequence forward, twice that backward, over the full T x T square the
-model computes); and a float32 2048^3 and 4096^3 `jnp.dot`'s FLOP/s measured in the same
+of d_head; see yardsticks.py: the attention term is the score and mix matmuls, 2 * 2 * c *
+T^2 * H * d_head per layer and sequence forward, twice that backward, over the part c of the
+T x T square the model computes: its causal query blocks, c = 5/8 at T = 512); and a float32 2048^3 and 4096^3 `jnp.dot`'s FLOP/s measured in the same
 process before and after the steps (median of repeats; the best of the two times is taken, as
 other work on a shared machine can only slow a measurement). The step's fraction is of the
 larger matmul figure. Remat and the chunked log-probs' recomputation are real work that this
@@ -168,7 +168,7 @@ def _throughput() -> None:
     raise app.UsageError(f"batch {batch_size} must split into {_MICRO.value} micro-batches of "
                          f"whole groups of {_SAMPLES.value} rows")
   flops = yardsticks.train_flops(cfg, batch_size, seq_len)
-  attention = 3 * batch_size * yardsticks.attention_flops(cfg, seq_len, seq_len)
+  attention = 3 * batch_size * yardsticks.self_attention_flops(cfg, seq_len)
   print(f"{_MODEL.value}: {cfg.num_params() / 1e6:.1f}M parameters, "
         f"{yardsticks.matmul_params(cfg) / 1e6:.1f}M in matmuls; batch {batch_size} x "
         f"{seq_len} tokens, {_SAMPLES.value} samples per prompt, {_MICRO.value} micro-batch(es), "

@@ -8,11 +8,14 @@ its jaxpr in tests/test_benchmarks.py):
   and biases are left out (they are no matmul; < 0.1% of the parameters here).
 * `attention_flops(cfg, q_len, k_len)`: one sequence's score (Q K^T) and mix (P V) matmuls
   over all layers: 2 * 2 * q_len * k_len * num_heads * head_dim per layer. `models/transformer.py`
-  computes every query against every key in its span and masks afterwards, so this counts the
-  full rectangle (as PaLM's model-FLOPs formula does), not the causal half.
+  computes every query against every key in its span and masks afterwards.
+* `self_attention_flops(cfg, seq_len)`: the same for a forward without cache, which computes
+  the causal square in `causal_blocks` query blocks, block i against key blocks 0..i: the
+  blocks computed, n (n + 1) / 2 of n^2 (the full square for short sequences; 5/8 of it for
+  512 tokens), not the whole rectangle PaLM's model-FLOPs formula counts.
 * `train_flops(cfg, batch, seq_len)`: model FLOPs of one training step on B sequences of T
   tokens: forward 2 * matmul_params * B * T + attention, backward twice the forward, so
-      6 * matmul_params * B * T + 12 * layers * heads * head_dim * T^2 * B.
+      6 * matmul_params * B * T + 3 * B * self_attention_flops(cfg, T).
   Recomputation (remat, the chunked log-probs' backward) is real work but not model FLOPs.
 * `decode_step_flops` / `decode_step_bytes`: one sampler step (one new token per row).
 
@@ -59,10 +62,18 @@ def attention_flops(cfg: model_lib.ModelConfig, q_len: int, k_len: int) -> int:
   return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * q_len * k_len
 
 
+def self_attention_flops(cfg: model_lib.ModelConfig, seq_len: int) -> int:
+  """Forward FLOPs of one sequence's attention matmuls without cache, all layers: the query
+  blocks against the keys they attend (see the module docstring)."""
+  n = model_lib.causal_blocks(seq_len)
+  size = seq_len // n
+  return sum(attention_flops(cfg, size, (i + 1) * size) for i in range(n))
+
+
 def train_flops(cfg: model_lib.ModelConfig, batch: int, seq_len: int) -> int:
   """Model FLOPs of one forward + backward over `batch` sequences of `seq_len` tokens."""
-  forward = 2 * matmul_params(cfg) * batch * seq_len + batch * attention_flops(
-      cfg, seq_len, seq_len)
+  forward = 2 * matmul_params(cfg) * batch * seq_len + batch * self_attention_flops(
+      cfg, seq_len)
   return 3 * forward
 
 

@@ -54,10 +54,11 @@ _CONFIGS = {
 
 
 @pytest.mark.parametrize("name", sorted(_CONFIGS))
-def test_train_flops_equal_traced_matmuls_of_forward_and_backward(name):
+@pytest.mark.parametrize("length", [12, 512])  # one query block; four (5/8 of the square)
+def test_train_flops_equal_traced_matmuls_of_forward_and_backward(name, length):
   cfg = _CONFIGS[name]
   params = _abstract_params(cfg)
-  batch, length = 2, 12
+  batch = 2
   tokens = jnp.zeros((batch, length), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
 

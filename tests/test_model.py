@@ -155,3 +155,28 @@ def test_dense_weight_gradient_is_one_2d_dot_over_the_tokens():
     assert [v.aval.ndim for v in e.invars] == [2, 2], e
     (lhs_contract, rhs_contract), _ = e.params["dimension_numbers"]
     assert len(lhs_contract) == len(rhs_contract) == 1, e
+
+
+@pytest.mark.parametrize("length, blocks", [(512, 4), (256, 2)])
+def test_causal_blocks_equal_the_whole_square(monkeypatch, length, blocks):
+  """Without a cache, query block i attends key blocks 0..i only; the hidden states and the
+  gradient are those of every query against every key, masked (local layers' window, padding
+  at the end included)."""
+  assert model_lib.causal_blocks(length) == blocks
+  assert model_lib.causal_blocks(length - 1) < blocks and model_lib.causal_blocks(100) == 1
+  cfg = model_lib.tiny_config(vocab_size=50)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, length), 0, 50)
+  slots = jnp.arange(length)
+  positions = jnp.stack([slots, jnp.where(slots < length - 40, slots, -1)])
+
+  def loss(p):
+    hidden, _ = model_lib.apply(cfg, p, tokens, positions)
+    return jnp.sum(hidden.astype(jnp.float32) ** 2), hidden
+
+  (_, blocked), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  monkeypatch.setattr(model_lib, "_CAUSAL_BLOCKS_MAX", 1)
+  (_, whole), whole_grads = jax.value_and_grad(loss, has_aux=True)(params)
+  np.testing.assert_allclose(blocked, whole, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,9 @@ depth), optionally rematerialised, with mixed precision:
 
 * `tokens`, `positions`: int32 [B, S]; a negative position marks a token nothing attends
   (padding, a finished row's filler).
-* `cache`: None (full causal attention over the S tokens given, as in training) or a
+* `cache`: None (causal attention over the S tokens given, as in training: tokens are in
+  position order, none attends a later slot, which lets `causal_blocks` skip the blocks above
+  the diagonal) or a
   `KVCache` from `init_cache` (decoding: the S new keys/values of every row go to the cache's
   next S slots, written in place with one `dynamic_update_slice` per layer; a query attends
   the filled slots whose position is <= its own, within the first `attend_len` slots when that
@@ -234,6 +236,46 @@ def dense(x: Array, w: Array, n_in: int = 1, transposed: bool = False,
   return y.reshape(lead + out_shape)
 
 
+# Queries of a forward without cache attend in blocks of at least this many (`causal_blocks`).
+_CAUSAL_BLOCK_MIN = 128
+_CAUSAL_BLOCKS_MAX = 4
+
+
+def causal_blocks(length: int) -> int:
+  """Query blocks of a self-attention over `length` tokens without cache: the most, up to
+  _CAUSAL_BLOCKS_MAX, that divide it into blocks of at least _CAUSAL_BLOCK_MIN tokens. Block
+  i attends the keys of blocks 0..i only, so (n - 1) / 2n of the square is not computed: on
+  a 2-core CPU a SmolLM2-135M train step at 16 x 512 tokens ran ~13% faster with 2 blocks
+  than with 1 (4 blocks: about the same as 2)."""
+  return max(n for n in range(1, _CAUSAL_BLOCKS_MAX + 1)
+             if n == 1 or (length % n == 0 and length // n >= _CAUSAL_BLOCK_MIN))
+
+
+def _attend(cfg: ModelConfig, qg: Array, keys: Array, values: Array, q_pos: Array,
+            key_pos: Array, *, is_global: Array, decoding: bool) -> Array:
+  """Softmax attention of grouped queries qg [B, K, S, G, H] at positions q_pos [B, S] over
+  keys / values [B, K, T, H] at key_pos [B, T]: [B, K, S, G, H] float32."""
+  # Query position p sees key position j iff 0 <= j <= p (and p - j < window on local
+  # layers).
+  distance = q_pos[:, :, None] - key_pos[:, None, :]  # [B, S, T]
+  visible = (distance >= 0) & (key_pos[:, None, :] >= 0)
+  if cfg.sliding_window is not None:
+    visible &= is_global | (distance < cfg.sliding_window)
+  scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+  if not decoding:
+    logits = _dot32("bksgh,bkth->bksgt", qg, keys.astype(cfg.dtype))
+  else:  # Few queries against many cached keys: XLA:CPU's batched dot runs faster with the
+    # keys' axis first in its result (decode probes at batch 32: SmolLM2 +22%, Gemma 3
+    # +6% tokens/s); the transpose of the small result is cheap. Training shapes (as many
+    # queries as keys) are faster the other way.
+    logits = _dot32("bksgh,bkth->bktsg", qg, keys.astype(cfg.dtype)).transpose(0, 1, 3, 4, 2)
+  logits = logits * scale  # [B, K, S, G, T]
+  logits = _softcap(logits, cfg.attn_logit_softcap)
+  logits = jnp.where(visible[:, None, :, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return _dot32("bksgt,bkth->bksgh", probs.astype(cfg.dtype), values.astype(cfg.dtype))
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -286,13 +328,6 @@ class Attention(nn.Module):
       key_pos = cache.pos[:, :span]
     # keys, values: [B, K, T, H].
 
-    # Query position p sees key position j iff 0 <= j <= p (and p - j < window on local
-    # layers).
-    distance = positions[:, :, None] - key_pos[:, None, :]  # [B, S, T]
-    visible = (distance >= 0) & (key_pos[:, None, :] >= 0)
-    if cfg.sliding_window is not None:
-      visible &= is_global | (distance < cfg.sliding_window)
-
     # Query heads grouped by the key head they share, batch dims (b, k) leading in every
     # operand and result: XLA:CPU runs these batched dots ~1.4x faster than with the query's
     # [B, S, K, G, H] order (a probe of the attention alone; no transposes around each of
@@ -300,19 +335,17 @@ class Attention(nn.Module):
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(q.shape[:2] + (cfg.num_kv_heads, groups, cfg.head_dim)).transpose(
         0, 2, 1, 3, 4)  # [B, K, S, G, H]
-    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    if cache is None:
-      logits = _dot32("bksgh,bkth->bksgt", qg, keys.astype(cfg.dtype))
-    else:  # Few queries against many cached keys: XLA:CPU's batched dot runs faster with the
-      # keys' axis first in its result (decode probes at batch 32: SmolLM2 +22%, Gemma 3
-      # +6% tokens/s); the transpose of the small result is cheap. Training shapes (as many
-      # queries as keys) are faster the other way.
-      logits = _dot32("bksgh,bkth->bktsg", qg, keys.astype(cfg.dtype)).transpose(0, 1, 3, 4, 2)
-    logits = logits * scale  # [B, K, S, G, T]
-    logits = _softcap(logits, cfg.attn_logit_softcap)
-    logits = jnp.where(visible[:, None, :, None], logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = _dot32("bksgt,bkth->bksgh", probs.astype(cfg.dtype), values.astype(cfg.dtype))
+    attend = functools.partial(_attend, cfg, is_global=is_global, decoding=cache is not None)
+    # Causal: query block i sees key blocks 0..i only; the blocks above the diagonal of the
+    # square are not computed (training and reference forwards of long sequences).
+    n = causal_blocks(q.shape[1]) if cache is None else 1
+    size = q.shape[1] // n
+    out = jnp.concatenate(
+        [attend(qg[:, :, i * size:(i + 1) * size], keys[:, :, :(i + 1) * size],
+                values[:, :, :(i + 1) * size], positions[:, i * size:(i + 1) * size],
+                key_pos[:, :(i + 1) * size]) for i in range(n - 1)]
+        + [attend(qg[:, :, (n - 1) * size:], keys, values, positions[:, (n - 1) * size:],
+                  key_pos)], axis=2)
     out = out.transpose(0, 2, 1, 3, 4).reshape(q.shape).astype(cfg.dtype)
     return dense(out, wo, n_in=2), cache
 
