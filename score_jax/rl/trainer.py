@@ -76,7 +76,7 @@ class RunConfig:
   unroll_decode: bool = False     # decode layers unrolled: ~10% faster tokens on a CPU, a
                                   # compile ~4x longer, a copy of the layers' weights held
   prompt_bucket: Optional[int] = 64  # prompts padded to a multiple of it, not max_prompt_len
-  attend_spans: int = 4           # decode loops per attempt, each attending only the cache
+  attend_spans: int = 1           # decode loops per attempt, each attending only the cache
                                   # slots it can have filled (more: less attention, longer compile)
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
