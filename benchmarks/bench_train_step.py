@@ -22,8 +22,9 @@ FLOP/s = model FLOPs / step time with
 (P: weights in matmuls, the tied embedding once as the output head; L layers, H query heads
 of d_head; see yardsticks.py: the attention term is the score and mix matmuls, 2 * 2 * c *
 T^2 * H * d_head per layer and sequence forward, twice that backward, over the part c of the
-T x T square the model computes: its causal query blocks, c = 5/8 at T = 512); and a float32 2048^3 and 4096^3 `jnp.dot`'s FLOP/s measured in the same
-process before and after the steps (median of repeats; the best of the two times is taken, as
+T x T square the model computes: its causal query blocks, c = 5/8 at T = 512); and a
+float32 2048^3 and 4096^3 `jnp.dot`'s FLOP/s measured in the same process before and after
+the steps (median of repeats; the best of the two times is taken, as
 other work on a shared machine can only slow a measurement). The step's fraction is of the
 larger matmul figure. Remat and the chunked log-probs' recomputation are real work that this
 count leaves out (it is model FLOPs, not hardware FLOPs). `--op_profile=N` then runs one more

@@ -47,7 +47,7 @@ def naive_greedy(cfg, params, prompt, num_attempts, eot_id):
   return seq, attempts
 
 
-def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False, attend_spans=4):
+def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False, attend_spans=1):
   return sampler_lib.Sampler(cfg, num_attempts=num_attempts, max_new_tokens=MAX_NEW,
                              max_prompt_len=6, instruction=INSTRUCTION, eot_id=eot_id,
                              pad_id=PAD, unroll_decode=unroll_decode, attend_spans=attend_spans)

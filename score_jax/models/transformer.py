@@ -338,15 +338,16 @@ class Attention(nn.Module):
         0, 2, 1, 3, 4)  # [B, K, S, G, H]
     attend = functools.partial(_attend, cfg, is_global=is_global, decoding=cache is not None)
     # Causal: query block i sees key blocks 0..i only; the blocks above the diagonal of the
-    # square are not computed (training and reference forwards of long sequences).
+    # square are not computed (training and reference forwards of long sequences). Decoding:
+    # one block, every key in the span.
     n = causal_blocks(q.shape[1]) if cache is None else 1
     size = q.shape[1] // n
-    out = jnp.concatenate(
-        [attend(qg[:, :, i * size:(i + 1) * size], keys[:, :, :(i + 1) * size],
-                values[:, :, :(i + 1) * size], positions[:, i * size:(i + 1) * size],
-                key_pos[:, :(i + 1) * size]) for i in range(n - 1)]
-        + [attend(qg[:, :, (n - 1) * size:], keys, values, positions[:, (n - 1) * size:],
-                  key_pos)], axis=2)
+    blocks = [attend(qg[:, :, i * size:(i + 1) * size], keys[:, :, :(i + 1) * size],
+                     values[:, :, :(i + 1) * size], positions[:, i * size:(i + 1) * size],
+                     key_pos[:, :(i + 1) * size]) for i in range(n - 1)]
+    blocks.append(attend(qg[:, :, (n - 1) * size:], keys, values,
+                         positions[:, (n - 1) * size:], key_pos))
+    out = blocks[0] if n == 1 else jnp.concatenate(blocks, axis=2)
     out = out.transpose(0, 2, 1, 3, 4).reshape(q.shape).astype(cfg.dtype)
     return dense(out, wo, n_in=2), cache
 

@@ -191,6 +191,8 @@ def sampler_options(cfg: RunConfig) -> dict[str, Any]:
   """The Sampler's memory and padding options of a RunConfig."""
   if cfg.prompt_bucket is not None and cfg.prompt_bucket < 1:
     raise UserError(f"RunConfig.prompt_bucket must be >= 1 or None, got {cfg.prompt_bucket}")
+  if cfg.attend_spans < 1:
+    raise UserError(f"RunConfig.attend_spans must be >= 1, got {cfg.attend_spans}")
   return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype,
           "prompt_bucket": cfg.prompt_bucket, "unroll_decode": cfg.unroll_decode,
           "attend_spans": cfg.attend_spans}
