@@ -66,6 +66,8 @@ def test_read_tensors_match_gguf_reader(tmp_path):
     assert ours[name].qtype == qtype and got.shape == array.shape and got.dtype == np.float32
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got, array, atol=0.3)  # Quantization error, not garbage.
+    # Not a view of the file's memory map (which would keep it alive and resident).
+    assert not np.shares_memory(got, ours[name].data)
 
 
 def test_rejects_other_and_cut_files(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from score_jax.decoding import sampler as sampler_lib
 from score_jax.decoding import sampling
+from score_jax.models import configs
 from score_jax.models import transformer as model_lib
 from score_jax.rl import logprobs
 
@@ -47,7 +48,7 @@ def naive_greedy(cfg, params, prompt, num_attempts, eot_id):
   return seq, attempts
 
 
-def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False, attend_spans=1):
+def make_sampler(cfg, eot_id, num_attempts=2, unroll_decode=False, attend_spans=None):
   return sampler_lib.Sampler(cfg, num_attempts=num_attempts, max_new_tokens=MAX_NEW,
                              max_prompt_len=6, instruction=INSTRUCTION, eot_id=eot_id,
                              pad_id=PAD, unroll_decode=unroll_decode, attend_spans=attend_spans)
@@ -147,10 +148,25 @@ def test_span_ends():
   assert sampler_lib.span_ends(5, 1) == [5]
 
 
-def test_attention_span_grows_with_the_decode_loops(cfg_params, monkeypatch):
+def test_auto_attend_spans_follows_the_cache_share_of_the_bytes():
+  """Four loops where the KV cache holds at least half the weights' bytes (as stated in its
+  docstring for SmolLM2-135M and the benchmark's shapes), one below."""
+  cfg = configs.get("smollm2_135m")
+  total = sampler_lib.buffer_length(64, 2, 128, 20)
+  assert sampler_lib.auto_attend_spans(cfg, 32, total) == 4
+  assert sampler_lib.auto_attend_spans(cfg, 8, total) == 1
+  # A bfloat16 cache holds half the bytes: 32 rows no longer reach the share, 64 do.
+  assert sampler_lib.auto_attend_spans(cfg, 32, total, jnp.bfloat16) == 1
+  assert sampler_lib.auto_attend_spans(cfg, 64, total, jnp.bfloat16) == 4
+
+
+@pytest.mark.parametrize("attend_spans, batch", [(4, 2), (None, 64)])
+def test_attention_span_grows_with_the_decode_loops(cfg_params, monkeypatch, attend_spans,
+                                                    batch):
   """Each decode loop attends the slots its last step can have filled, no more: the prefill
   the prompt, attempt 1's loops P + 2, 4, 6, 7 slots, the instruction P + N + L, attempt
-  2's loops P + N + L + 2, ..., up to the whole buffer."""
+  2's loops P + N + L + 2, ..., up to the whole buffer. 64 rows of the tiny model: a cache
+  big enough against its weights for `auto_attend_spans`' 4 loops."""
   cfg, params = cfg_params
   spans = []
   apply = model_lib.apply
@@ -160,11 +176,11 @@ def test_attention_span_grows_with_the_decode_loops(cfg_params, monkeypatch):
     return apply(cfg, params, tokens, positions, cache, attend_len, layers)
 
   monkeypatch.setattr(sampler_lib.model_lib, "apply", recording_apply)
-  prompts = jnp.zeros((2, 6), jnp.int32)
+  prompts = jnp.zeros((batch, 6), jnp.int32)
   jax.eval_shape(lambda p: sampler_lib.sample(
-      p, prompts, jnp.array([3, 6]), jnp.array(INSTRUCTION), jax.random.PRNGKey(0),
+      p, prompts, jnp.full((batch,), 6), jnp.array(INSTRUCTION), jax.random.PRNGKey(0),
       model_cfg=cfg, method=sampling.Greedy(), num_attempts=2, max_new_tokens=MAX_NEW,
-      eot_id=1, pad_id=PAD, attend_spans=4), params)
+      eot_id=1, pad_id=PAD, attend_spans=attend_spans), params)
   total = sampler_lib.buffer_length(6, 2, MAX_NEW, len(INSTRUCTION))
   assert spans == [6, 8, 10, 12, 13, 16, 18, 20, 22, 23] and total == 23
 

@@ -85,6 +85,29 @@ def _write(buf: Array, pos: Array, values: Array) -> Array:
   return buf.at[rows, pos[:, None] + jnp.arange(values.shape[1])].set(values)
 
 
+# `attend_spans=None` decodes each attempt in this many loops when the KV cache holds at least
+# _SPANS_CACHE_SHARE of the bytes of the weights (a decode step reads both), else in one.
+_AUTO_SPANS = 4
+_SPANS_CACHE_SHARE = 0.5
+
+
+def auto_attend_spans(model_cfg: model_lib.ModelConfig, batch: int, total_len: int,
+                      cache_dtype: Any = None) -> int:
+  """The decode loops per attempt `sample` runs when `attend_spans` is None.
+
+  Each loop more attends fewer empty cache slots per step, a saving in proportion to the
+  cache's bytes, for a fixed price: one more copy of the decode step to compile and hold
+  (see `sample`). So more loops only where the cache's reads weigh: SmolLM2-135M's 2 x 128
+  tokens after 64-token prompts get 4 at batch 32 (cache 0.50 GB, weights 0.54 GB), 1 at
+  batch 8 (0.13 GB).
+  """
+  cache = jax.eval_shape(functools.partial(model_lib.init_cache, model_cfg, batch, total_len,
+                                           cache_dtype))
+  cache_bytes = cache.k.size * cache.k.dtype.itemsize * 2
+  weight_bytes = model_cfg.num_params() * jnp.dtype(model_cfg.dtype).itemsize
+  return _AUTO_SPANS if cache_bytes >= _SPANS_CACHE_SHARE * weight_bytes else 1
+
+
 def span_ends(max_new_tokens: int, attend_spans: int) -> list[int]:
   """The steps at which an attempt's decode loops end: `attend_spans` near-equal parts of N
   (fewer when N is smaller), the last one N."""
@@ -157,7 +180,7 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
            rng: Array, *, model_cfg: model_lib.ModelConfig, method: sampling.Method,
            num_attempts: int, max_new_tokens: int, eot_id: int, pad_id: int,
            cache_dtype: Any = None, unroll_decode: bool = False,
-           attend_spans: int = 1) -> SampleOutput:
+           attend_spans: Optional[int] = None) -> SampleOutput:
   """Generates `num_attempts` attempts per prompt. Pure; jit with the keyword args static.
 
   Args:
@@ -176,19 +199,22 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
       memory at or below transformers'); unrolled decodes ~10% faster on a CPU, whose XLA
       copies a scanned layer's weights out of the stack at every step, for a copy of all the
       layers' weights held through the call (benchmarks/bench_sampler.py prints both).
-    attend_spans: decode loops per attempt (see the module docstring). More loops attend
-      fewer empty slots, for a longer compile and its memory (each loop is its own copy of
-      the decode step). On a 2-core CPU, SmolLM2-135M, 2 x 128 new tokens after 64-token
-      prompts: 4 loops rather than 1 sampled ~6% faster at batch 32 (four alternating runs
-      in one process), no faster at batch 1, and compiled in ~4 s rather than ~2 s (the
-      unrolled program: ~25 s rather than ~7 s), with the process's peak RSS 0.17 GB higher
-      at batch 1, over transformers': hence 1 by default. Long buffers on accelerators
-      (attempt 1 of the paper's setting fills at most 1,536 of 2,624 slots) gain more.
+    attend_spans: decode loops per attempt (see the module docstring); None: chosen by
+      `auto_attend_spans`. More loops attend fewer empty slots, for a longer compile and its
+      memory (each loop is its own copy of the decode step). On a 2-core CPU, SmolLM2-135M,
+      2 x 128 new tokens after 64-token prompts: 4 loops rather than 1 sampled 5-6% faster
+      at batch 32 (alternating runs in one process), no faster at batch 1, and compiled in
+      ~4 s rather than ~2 s (the unrolled program: ~25 s rather than ~7 s), with the
+      process's peak RSS 0.06 GB higher at batch 8 and 32 and 0.17 GB at batch 1. Long
+      buffers on accelerators (attempt 1 of the paper's setting fills at most 1,536 of
+      2,624 slots) gain more.
   """
   batch, prompt_len = prompts.shape
   n_instr = instruction.shape[0]
   total = buffer_length(prompt_len, num_attempts, max_new_tokens, n_instr)
   rows = jnp.arange(batch)
+  if attend_spans is None:
+    attend_spans = auto_attend_spans(model_cfg, batch, total, cache_dtype)
 
   # Matrices in the compute dtype once, rather than converted at every use in the loop.
   params = jax.tree.map(lambda w: w.astype(model_cfg.dtype) if w.ndim > 1 else w, params)
@@ -270,10 +296,11 @@ class Sampler:
                eot_id: int, pad_id: int, mesh: Optional[Mesh] = None,
                cache_dtype: Any = None, max_batch: Optional[int] = None,
                unroll_decode: bool = False, prompt_bucket: Optional[int] = None,
-               attend_spans: int = 1):
-    if min(num_attempts, max_new_tokens, max_prompt_len, attend_spans) < 1:
-      raise ValueError("num_attempts, max_new_tokens, max_prompt_len and attend_spans must be "
-                       ">= 1")
+               attend_spans: Optional[int] = None):
+    if min(num_attempts, max_new_tokens, max_prompt_len) < 1:
+      raise ValueError("num_attempts, max_new_tokens and max_prompt_len must be >= 1")
+    if attend_spans is not None and attend_spans < 1:
+      raise ValueError(f"attend_spans must be >= 1 or None, got {attend_spans}")
     if max_batch is not None and max_batch < 1:
       raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     if prompt_bucket is not None and prompt_bucket < 1:

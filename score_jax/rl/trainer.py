@@ -76,8 +76,9 @@ class RunConfig:
   unroll_decode: bool = False     # decode layers unrolled: ~10% faster tokens on a CPU, a
                                   # compile ~4x longer, a copy of the layers' weights held
   prompt_bucket: Optional[int] = 64  # prompts padded to a multiple of it, not max_prompt_len
-  attend_spans: int = 1           # decode loops per attempt, each attending only the cache
-                                  # slots it can have filled (more: less attention, longer compile)
+  attend_spans: Optional[int] = None  # decode loops per attempt, each attending only the cache
+                                  # slots it can have filled (more: less attention, longer
+                                  # compile); None: sampler.auto_attend_spans
   checkpoint_every: int = 50
   keep_checkpoints: int = 3       # the newest ones; the best by smoothed reward is kept too
   export: str = "best"            # "best" (by smoothed training reward) or "last"
@@ -191,8 +192,8 @@ def sampler_options(cfg: RunConfig) -> dict[str, Any]:
   """The Sampler's memory and padding options of a RunConfig."""
   if cfg.prompt_bucket is not None and cfg.prompt_bucket < 1:
     raise UserError(f"RunConfig.prompt_bucket must be >= 1 or None, got {cfg.prompt_bucket}")
-  if cfg.attend_spans < 1:
-    raise UserError(f"RunConfig.attend_spans must be >= 1, got {cfg.attend_spans}")
+  if cfg.attend_spans is not None and cfg.attend_spans < 1:
+    raise UserError(f"RunConfig.attend_spans must be >= 1 or None, got {cfg.attend_spans}")
   return {"max_batch": cfg.sampler_max_batch, "cache_dtype": cfg.cache_dtype,
           "prompt_bucket": cfg.prompt_bucket, "unroll_decode": cfg.unroll_decode,
           "attend_spans": cfg.attend_spans}
