@@ -16,7 +16,9 @@ its own GGUF reader).
   compile time is exact); a stop id no token has, so no attempt ends early. Its decode layers
   are scanned over their stack (the default): one layer's code, and no copy of the layers'
   weights held through the call, at the price of a copy of each layer's weights out of the
-  stack at every step (XLA:CPU's). Its XLA buffers (arguments, temporaries) are printed too.
+  stack at every step (XLA:CPU's). Its decode loops per attempt are the default's
+  (`sampler.auto_attend_spans`: 4 on SmolLM2 at batch 32, else 1). Its XLA buffers
+  (arguments, temporaries) are printed too.
 * ours_unrolled: the same with the decode layers unrolled on weight slices taken once per
   call (`RunConfig.unroll_decode = True`): one layer's code per layer and attempt, a copy of
   the layers' weights held through the call.

@@ -20,9 +20,10 @@ key/value per row in place (no copy of the cache per token); with `unroll_decode
 weights are sliced off their stack once per call, not once per token (`model.apply(...,
 layers=...)`); prompts are prefilled without logits except at each prompt's last position;
 attention reads only the slots the decoding can have reached, not the whole buffer: each
-attempt runs as `attend_spans` loops over consecutive parts of its N steps, a loop attending
-the slots filled by its last step at most (`attend_len`, static per loop); the cache may be
-kept in bfloat16 (`cache_dtype`).
+attempt runs as `attend_spans` loops over consecutive parts of its N steps (by default 4 when
+the cache is big next to the weights, else 1: `auto_attend_spans`), a loop attending the slots
+filled by its last step at most (`attend_len`, static per loop); the cache may be kept in
+bfloat16 (`cache_dtype`).
 
 A sampled end-of-turn token is part of its attempt (its log-prob is trained like any other);
 an attempt that reaches N tokens without one is cut there.
