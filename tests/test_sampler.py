@@ -146,6 +146,8 @@ def test_span_ends():
   assert sampler_lib.span_ends(8, 4) == [2, 4, 6, 8]
   assert sampler_lib.span_ends(3, 4) == [1, 2, 3]
   assert sampler_lib.span_ends(5, 1) == [5]
+  with pytest.raises(ValueError, match="attend_spans must be >= 1, got 0"):
+    sampler_lib.span_ends(5, 0)  # No loop at all would decode nothing.
 
 
 def test_auto_attend_spans_follows_the_cache_share_of_the_bytes():
@@ -178,7 +180,8 @@ def test_attention_span_grows_with_the_decode_loops(cfg_params, monkeypatch, att
   monkeypatch.setattr(sampler_lib.model_lib, "apply", recording_apply)
   prompts = jnp.zeros((batch, 6), jnp.int32)
   jax.eval_shape(lambda p: sampler_lib.sample(
-      p, prompts, jnp.full((batch,), 6), jnp.array(INSTRUCTION), jax.random.PRNGKey(0),
+      p, prompts, jnp.full((batch,), 6).at[0].set(3), jnp.array(INSTRUCTION),
+      jax.random.PRNGKey(0),
       model_cfg=cfg, method=sampling.Greedy(), num_attempts=2, max_new_tokens=MAX_NEW,
       eot_id=1, pad_id=PAD, attend_spans=attend_spans), params)
   total = sampler_lib.buffer_length(6, 2, MAX_NEW, len(INSTRUCTION))

@@ -161,6 +161,8 @@ def test_bad_prompt_bucket_is_a_user_error(bucket):
 
 
 def test_bad_attend_spans_is_a_user_error():
-  with pytest.raises(trainer.UserError, match="RunConfig.attend_spans must be >= 1 or None, got 0"):
+  with pytest.raises(trainer.UserError,
+                     match="RunConfig.attend_spans must be >= 1 or None, got 0"):
     trainer.sampler_options(trainer.RunConfig(attend_spans=0))
   assert trainer.sampler_options(trainer.RunConfig(attend_spans=3))["attend_spans"] == 3
+  assert trainer.sampler_options(trainer.RunConfig())["attend_spans"] is None  # auto

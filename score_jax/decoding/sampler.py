@@ -112,6 +112,8 @@ def auto_attend_spans(model_cfg: model_lib.ModelConfig, batch: int, total_len: i
 def span_ends(max_new_tokens: int, attend_spans: int) -> list[int]:
   """The steps at which an attempt's decode loops end: `attend_spans` near-equal parts of N
   (fewer when N is smaller), the last one N."""
+  if attend_spans < 1:
+    raise ValueError(f"attend_spans must be >= 1, got {attend_spans}")
   spans = min(attend_spans, max_new_tokens)
   return [-(-max_new_tokens * j // spans) for j in range(1, spans + 1)]
 
