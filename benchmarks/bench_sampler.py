@@ -35,8 +35,13 @@ its own GGUF reader).
 
 Each (side, model, batch) runs in its own process, so that peak resident memory is per side:
 "peak RSS" is the process's whole-life peak (loading the weights included); "sampling" is the
-peak after the weights are loaded (compile and runs only). Throughput is generated tokens
-(B * 2 * N) per second of one run, median of `repeats` runs after one warm-up run.
+peak after the weights are loaded (compile and runs only). The processes are started one at a
+time (each loads, compiles and makes one warm-up run with the machine to itself) and are then
+kept alive while their timed runs alternate: round r runs every side once, starting one side
+further along each round. A slow or fast moment of the machine (its speed drifts ~10% within
+a run) then lands on every side alike instead of on whichever side ran then. Throughput is
+generated tokens (B * 2 * N) per second of one run, median of `repeats` runs; the ratio lines
+also print each round's ratio.
 
 Before timing, a greedy run of each side on two prompts (`greedy_tokens` per attempt) checks
 that the sides compute the same thing: the printed agreement counts, per row and attempt, the
@@ -56,11 +61,13 @@ At the end, a markdown table of everything.
 import functools
 import json
 import os
+import queue
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -98,7 +105,8 @@ _PROFILE = flags.DEFINE_bool("profile", True, "Profile our decode step against i
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "PyTorch intra-op threads; 0: its default (one per core).",
     lower_bound=0)
-_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds allowed to one side's process.")
+_TIMEOUT = flags.DEFINE_integer("timeout", 3600, "Seconds allowed to one answer of a side's "
+                                "process: its setup and warm-up run, or one timed run.")
 # Internal: run one side in this process (the driver starts these).
 _WORKER = flags.DEFINE_enum("worker", None, ["ours", "ours_unrolled", "transformers", "tunix",
                                               "profile"],
@@ -107,7 +115,8 @@ _JOB = flags.DEFINE_string("job", None, "Internal: the worker's job file (JSON).
 
 _NUM_ATTEMPTS = 2
 _NEVER = -1  # A stop id no token has.
-_RESULT = "RESULT "  # Prefix of a worker's result line.
+# A worker's answers, one line each: ready (after setup and warm-up), one timed run, the end.
+_READY, _TIME, _RESULT = "READY ", "TIME ", "RESULT "
 _TUNIX_MODELS = ("gemma3_270m",)
 _TUNIX_SKIPPED = ("n/a (Tunix 0.1.7's Llama model ignores rope_theta, so its SmolLM2 logits do "
                   "not match transformers'; compared on Gemma 3 only)")
@@ -164,21 +173,12 @@ def _current_peak_rss() -> Optional[int]:
   return None
 
 
-def _timed_runs(run, repeats: int) -> dict[str, Any]:
-  """First run (warm-up) and `repeats` timed runs of `run(i)`; the last run's return value."""
-  start = time.perf_counter()
-  out = run(0)
-  first = time.perf_counter() - start
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    out = run(i + 1)
-    times.append(time.perf_counter() - start)
-  return {"first_s": first, "run_s": statistics.median(times), "runs_s": times, "out": out}
-
-
 # ---------------------------------------------------------------------------------------------
-# The sides. Each returns {"compile_s", "first_s", "run_s", "runs_s", "tokens" [K, B, N]}.
+# The sides. Each loads its model and returns {"run": run(i) -> tokens [K, B, N] of run i
+# (seeded by i), "compile_s": seconds, None (eager) or _IN_FIRST_RUN} and any other fields
+# to report.
+
+_IN_FIRST_RUN = "in first run"  # Compiles inside its first call: first run minus median run.
 
 
 def _ours(job: dict[str, Any], unroll_decode: bool = False) -> dict[str, Any]:
@@ -206,9 +206,7 @@ def _ours(job: dict[str, Any], unroll_decode: bool = False) -> dict[str, Any]:
       raise AssertionError("an attempt of ours stopped early")
     return np.asarray(out.attempt_tokens)
 
-  result = _timed_runs(run, job["repeats"])
-  return dict(result, compile_s=compile_s, tokens=result.pop("out").tolist(),
-              buffers=xla_buffers(compiled))
+  return {"run": run, "compile_s": compile_s, "buffers": xla_buffers(compiled)}
 
 
 def xla_buffers(compiled: jax.stages.Compiled) -> dict[str, int]:
@@ -269,8 +267,7 @@ def _transformers(job: dict[str, Any]) -> dict[str, Any]:
     seq = second.sequences.numpy()
     return np.stack([seq[:, prompt_len:prompt_len + new], seq[:, -new:]])
 
-  result = _timed_runs(run, job["repeats"])
-  return dict(result, compile_s=None, tokens=result.pop("out").tolist())
+  return {"run": run, "compile_s": None}
 
 
 class _IdTokenizer:
@@ -397,9 +394,7 @@ def _tunix(job: dict[str, Any]) -> dict[str, Any]:
     second = attempt(1, context, jax.random.fold_in(key, 1))
     return np.stack([first, second])
 
-  result = _timed_runs(run, job["repeats"])
-  return dict(result, compile_s=result["first_s"] - result["run_s"],
-              tokens=result.pop("out").tolist())
+  return {"run": run, "compile_s": _IN_FIRST_RUN}
 
 
 _FEW_SLOTS = 8  # The profile's second span: the layers' cost without attention's.
@@ -465,11 +460,23 @@ def _profile(job: dict[str, Any]) -> dict[str, Any]:
 
 
 _SIDES_FNS = {"ours": _ours, "ours_unrolled": functools.partial(_ours, unroll_decode=True),
-              "transformers": _transformers, "tunix": _tunix, "profile": _profile}
+              "transformers": _transformers, "tunix": _tunix}
 _OURS = ("ours", "ours_unrolled")
 
 
+def _answer(prefix: str, payload: dict[str, Any]) -> None:
+  print(prefix + json.dumps(payload), flush=True)
+
+
+def _with_peaks(result: dict[str, Any]) -> dict[str, Any]:
+  return dict(result, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              sampling_peak_rss=_current_peak_rss())
+
+
 def _worker_main(side: str, job_path: str) -> None:
+  """Prepares `side`, makes its warm-up run and answers READY; then runs once per `run` line
+  on stdin (answering TIME) until `end`, answered with RESULT (the last run's tokens and the
+  process's memory peaks). The profile answers RESULT at once."""
   try:  # On a shared machine, let the kernel's OOM killer pick this process first.
     with open("/proc/self/oom_score_adj", "w") as f:
       f.write("1000")
@@ -477,37 +484,139 @@ def _worker_main(side: str, job_path: str) -> None:
     pass
   with open(job_path) as f:
     job = json.load(f)
-  result = _SIDES_FNS[side](job)
-  result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  result["sampling_peak_rss"] = _current_peak_rss()
-  print(_RESULT + json.dumps(result), flush=True)
+  if side == "profile":
+    _answer(_RESULT, _with_peaks(_profile(job)))
+    return
+  prepared = _SIDES_FNS[side](job)
+  run = prepared.pop("run")
+  start = time.perf_counter()
+  tokens = run(0)
+  _answer(_READY, {"first_s": time.perf_counter() - start})
+  runs = 0
+  for command in sys.stdin:
+    if command.strip() != "run":
+      break
+    runs += 1
+    start = time.perf_counter()
+    tokens = run(runs)
+    _answer(_TIME, {"seconds": time.perf_counter() - start})
+  _answer(_RESULT, _with_peaks(dict(prepared, tokens=np.asarray(tokens).tolist())))
 
 
 # ---------------------------------------------------------------------------------------------
 # The driver.
 
 
-def _run_worker(python: str, side: str, job: dict[str, Any], workdir: str
-                ) -> Optional[dict[str, Any]]:
-  """Runs one side in its own process; its result, or None (the failure is printed)."""
-  path = os.path.join(workdir, f"{side}.json")
-  with open(path, "w") as f:
-    json.dump(job, f)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+class _WorkerFailed(Exception):
+  pass
+
+
+class _Worker:
+  """One side's process, started with its job and then driven one request at a time."""
+
+  def __init__(self, python: str, side: str, job: dict[str, Any], workdir: str,
+               timeout_s: float):
+    self._timeout_s = timeout_s
+    path = os.path.join(workdir, f"{side}.json")
+    with open(path, "w") as f:
+      json.dump(job, f)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    self._stderr = open(os.path.join(workdir, f"{side}.stderr"), "w+")  # pylint: disable=consider-using-with
+    try:
+      self._proc = subprocess.Popen(  # pylint: disable=consider-using-with
+          [python, os.path.abspath(__file__), f"--worker={side}", f"--job={path}"],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+          env=env)
+    except OSError as e:
+      self._stderr.close()
+      raise _WorkerFailed(f"could not start {python}: {e}") from None
+    self._lines = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self) -> None:
+    for line in self._proc.stdout:
+      self._lines.put(line)
+    self._lines.put(None)  # The process closed its output: it has ended.
+
+  def request(self, command: Optional[str], prefix: str) -> dict[str, Any]:
+    """Sends `command` (if any) and waits for the answer line starting with `prefix`."""
+    try:
+      if command is not None:
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+    except OSError:
+      pass  # It has ended; what it wrote says why.
+    deadline = time.monotonic() + self._timeout_s
+    while True:
+      try:
+        line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        self.close()
+        raise _WorkerFailed(f"no answer within {self._timeout_s} s") from None
+      if line is None:
+        status = self._proc.wait()
+        self._stderr.seek(0)
+        tail = "\n    ".join(self._stderr.read().strip().splitlines()[-8:])
+        self.close()
+        raise _WorkerFailed(f"failed (exit status {status}):\n    {tail}")
+      if line.startswith(prefix):
+        return json.loads(line[len(prefix):])
+
+  def close(self, kill: bool = True) -> None:
+    """Waits for the process to end (killing it first if `kill`)."""
+    if kill and self._proc.poll() is None:
+      self._proc.kill()
+    self._proc.wait()
+    self._stderr.close()
+
+
+def round_order(sides: Sequence[str], round_index: int) -> list[str]:
+  """The sides in the order round `round_index` runs them: each round starts one further."""
+  k = round_index % len(sides) if sides else 0
+  return list(sides[k:]) + list(sides[:k])
+
+
+def measure(python_of, sides: Sequence[str], job: dict[str, Any], workdir: str, repeats: int,
+            timeout_s: float) -> dict[str, dict[str, Any]]:
+  """Each side's result ({"compile_s", "first_s", "run_s", "runs_s", "tokens", peaks, ...}):
+  the sides started one at a time (each ready, i.e. warmed up, before the next starts), then
+  `repeats` rounds of one timed run each (`round_order`). A side that fails (or takes more than
+  `timeout_s` to answer) is printed and left out. `python_of(side)`: the interpreter to run it.
+  With repeats 0: the warm-up run's tokens only."""
+  workers, results = {}, {}
   try:
-    proc = subprocess.run([python, os.path.abspath(__file__), f"--worker={side}",
-                           f"--job={path}"], capture_output=True, text=True, env=env,
-                          timeout=_TIMEOUT.value, check=False)
-  except subprocess.TimeoutExpired:
-    print(f"  {side}: no result within {_TIMEOUT.value} s", flush=True)
-    return None
-  lines = [l for l in proc.stdout.splitlines() if l.startswith(_RESULT)]
-  if proc.returncode or not lines:
-    tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-    print(f"  {side}: failed (exit status {proc.returncode}):\n    {tail}", flush=True)
-    return None
-  return json.loads(lines[-1][len(_RESULT):])
+    for side in sides:
+      try:
+        worker = _Worker(python_of(side), side, job, workdir, timeout_s)
+        results[side] = dict(worker.request(None, _READY), runs_s=[])
+        workers[side] = worker
+      except _WorkerFailed as e:
+        print(f"  {side}: {e}", flush=True)
+    for r in range(repeats):
+      for side in round_order(list(workers), r):
+        try:
+          results[side]["runs_s"].append(workers[side].request("run", _TIME)["seconds"])
+        except _WorkerFailed as e:
+          del workers[side], results[side]
+          print(f"  {side}: {e}", flush=True)
+    for side in list(workers):
+      worker = workers.pop(side)
+      try:
+        results[side].update(worker.request("end", _RESULT))
+        worker.close(kill=False)
+      except _WorkerFailed as e:
+        del results[side]
+        print(f"  {side}: {e}", flush=True)
+  finally:
+    for worker in workers.values():
+      worker.close()
+  for r in results.values():
+    if r["runs_s"]:
+      r["run_s"] = statistics.median(r["runs_s"])
+      if r["compile_s"] == _IN_FIRST_RUN:
+        r["compile_s"] = r["first_s"] - r["run_s"]
+  return results
 
 
 def _gb(num_bytes: Optional[float]) -> str:
@@ -546,21 +655,26 @@ def ratio_lines(results: dict[str, dict[str, Any]], model: str, sides: Sequence[
       if peer == "tunix" and model not in _TUNIX_MODELS:
         lines.append(f"{name} {_TUNIX_SKIPPED}")
       elif ours in results and peer in results:
-        lines.append(f"{name} {results[peer]['run_s'] / results[ours]['run_s']:.2f}x")
+        mine, theirs = results[ours], results[peer]
+        line = f"{name} {theirs['run_s'] / mine['run_s']:.2f}x"
+        rounds = list(zip(theirs.get("runs_s", []), mine.get("runs_s", [])))
+        if len(rounds) > 1:
+          line += f" (rounds: {' '.join(f'{t / m:.2f}x' for t, m in rounds)})"
+        lines.append(line)
       elif peer in sides:
         lines.append(f"{name} n/a (a side did not run)")
   return lines
 
 
 def _greedy_check(model: str, base_job: dict[str, Any], workdir: str) -> None:
-  job = dict(base_job, prompts=base_job["prompts"][:2], greedy=True, repeats=1,
+  job = dict(base_job, prompts=base_job["prompts"][:2], greedy=True,
              max_new_tokens=_GREEDY_TOKENS.value)
-  results = {s: _run_worker(_python_of(s), s, job, workdir) for s in _sides_for(model)}
-  if results.get("ours") is None:
+  results = measure(_python_of, _sides_for(model), job, workdir, 0, _TIMEOUT.value)
+  if "ours" not in results:
     return
   ours = np.asarray(results["ours"]["tokens"])
   parts = [f"ours/{side} {leading_agreement(ours, r['tokens'])}/{ours.size} tokens"
-           for side, r in results.items() if side != "ours" and r is not None]
+           for side, r in results.items() if side != "ours"]
   print(f"greedy agreement (2 prompts, {_NUM_ATTEMPTS} x {_GREEDY_TOKENS.value} tokens, equal "
         f"before the first difference): {', '.join(parts) or 'no peer ran'}", flush=True)
 
@@ -629,8 +743,7 @@ def main(argv):
       instruction = chat.next_turn_ids(fmt, vocab, tasks.MATH_SELF_CORRECTION)
       prompts = make_prompts(vocab, max(batches + [2]), prompt_len)
       base_job = dict(model=model, instruction=instruction, pad_id=vocab.pad_id,
-                      max_new_tokens=new, repeats=_REPEATS.value, greedy=False,
-                      torch_threads=_TORCH_THREADS.value)
+                      max_new_tokens=new, greedy=False, torch_threads=_TORCH_THREADS.value)
       print(f"\n== {model}: prompts of {prompt_len} tokens, {_NUM_ATTEMPTS} attempts x {new} "
             f"new tokens, instruction of {len(instruction)} tokens ({fmt.name} format), "
             "temperature 1, float32 ==", flush=True)
@@ -640,24 +753,26 @@ def main(argv):
         _greedy_check(model, dict(base_job, prompts=prompts.tolist()), workdir)
       for batch in batches:
         print(f"batch {batch}: {tokens_of(batch)} generated tokens per run, median of "
-              f"{_REPEATS.value} runs after a warm-up", flush=True)
+              f"{_REPEATS.value} runs after a warm-up, the sides' runs alternating",
+              flush=True)
         job = dict(base_job, prompts=prompts[:batch].tolist())
-        results = {}
-        for side in _sides_for(model):
-          r = _run_worker(_python_of(side), side, job, workdir)
-          if r is not None:
-            results[side] = r
-            print(_side_line(side, r, tokens_of(batch)), flush=True)
+        results = measure(_python_of, _sides_for(model), job, workdir, _REPEATS.value,
+                          _TIMEOUT.value)
+        for side, r in results.items():
+          print(_side_line(side, r, tokens_of(batch)), flush=True)
         for line in ratio_lines(results, model, _SIDES.value):
           print(line, flush=True)
         rows.append((model, batch, results))
       if _PROFILE.value:
-        p = _run_worker(sys.executable, "profile", dict(
-            base_job, batches=batches, prompt_len=prompt_len, repeats=5,
-            buffer_len=sampler_lib.buffer_length(prompt_len, _NUM_ATTEMPTS, new,
-                                                 len(instruction))), workdir)
-        if p is not None:
-          _print_profile(p, batches)
+        job = dict(base_job, batches=batches, prompt_len=prompt_len, repeats=5,
+                   buffer_len=sampler_lib.buffer_length(prompt_len, _NUM_ATTEMPTS, new,
+                                                        len(instruction)))
+        try:
+          worker = _Worker(sys.executable, "profile", job, workdir, _TIMEOUT.value)
+          _print_profile(worker.request(None, _RESULT), batches)
+          worker.close(kill=False)
+        except _WorkerFailed as e:
+          print(f"  profile: {e}", flush=True)
   print("\n" + table(rows, tokens_of))
   print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -8,6 +8,7 @@ with the bodies of scans counted once per iteration.
 
 import math
 import os
+import statistics
 import sys
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from score_jax import checkpoints
 from score_jax.models import transformer as model_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
@@ -147,6 +149,52 @@ def test_ratio_lines_and_table_put_each_of_our_programs_against_each_peer():
       "| 8.0 / 2.0 / ~10.0 | 2.50 / 1.50 / - / 4.00 |")
   header, rule = row.splitlines()[:2]
   assert header.count("|") == rule.count("|") == row.splitlines()[-1].count("|")
+
+
+def test_ratio_lines_print_each_rounds_ratio():
+  results = {"ours": dict(_side(2.0, 1.0), runs_s=[2.0, 1.0, 4.0]),
+             "transformers": dict(_side(6.0, 1.0), runs_s=[6.0, 3.0, 4.0])}
+  assert bench_sampler.ratio_lines(results, "gemma3_270m", ["ours", "transformers"]) == [
+      "ratio ours/transformers: 3.00x (rounds: 3.00x 3.00x 1.00x)"]
+
+
+def test_round_order_starts_each_round_one_side_further():
+  sides = ["ours", "transformers", "tunix"]
+  assert [bench_sampler.round_order(sides, r) for r in range(4)] == [
+      ["ours", "transformers", "tunix"], ["transformers", "tunix", "ours"],
+      ["tunix", "ours", "transformers"], ["ours", "transformers", "tunix"]]
+  assert not bench_sampler.round_order([], 3)
+
+
+def test_measure_drives_live_workers_and_leaves_out_sides_that_fail(tmp_path, capsys):
+  """Real worker processes of our two programs on a tiny exported model, next to a side whose
+  interpreter exits at once and one that never answers."""
+  cfg = model_lib.tiny_config(vocab_size=8)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                        _abstract_params(cfg))
+  checkpoints.export_params(str(tmp_path / "model"), cfg, params,
+                            {"kind": "char", "alphabet": "abcde"})
+  hangs = tmp_path / "hangs"
+  hangs.write_text("#!/bin/sh\nexec sleep 60\n")
+  hangs.chmod(0o755)
+  pythons = {"ours": sys.executable, "ours_unrolled": sys.executable, "transformers": "/bin/false",
+             "tunix": str(hangs)}
+  job = dict(model=str(tmp_path / "model"), prompts=[[1, 2, 3], [2, 3, 4]], instruction=[5, 6],
+             pad_id=0, max_new_tokens=3, greedy=False, torch_threads=0)
+  results = bench_sampler.measure(pythons.get, ["ours", "transformers", "ours_unrolled"], job,
+                                  str(tmp_path), repeats=2, timeout_s=300)
+  assert sorted(results) == ["ours", "ours_unrolled"]
+  for r in results.values():
+    assert len(r["runs_s"]) == 2 and r["run_s"] == statistics.median(r["runs_s"])
+    assert r["compile_s"] > 0 and r["first_s"] > 0 and r["peak_rss"] > 0
+    assert np.asarray(r["tokens"]).shape == (2, 2, 3)  # [attempts, rows, new tokens]
+  # The same run index seeds both programs, which compute the same thing.
+  np.testing.assert_array_equal(results["ours"]["tokens"], results["ours_unrolled"]["tokens"])
+  assert "transformers: failed (exit status 1)" in capsys.readouterr().out
+  assert not bench_sampler.measure(pythons.get, ["tunix"], job, str(tmp_path), repeats=2,
+                                   timeout_s=1)
+  assert "tunix: no answer within 1 s" in capsys.readouterr().out
 
 
 def test_tunix_gemma3_params_compute_our_projections():
