@@ -497,9 +497,9 @@ def _worker_main(side: str, job_path: str) -> None:
     if command.strip() != "run":
       break
     runs += 1
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     tokens = run(runs)
-    _answer(_TIME, {"seconds": time.perf_counter() - start})
+    _answer(_TIME, {"seconds": time.perf_counter() - start, "started_at": started_at})
   _answer(_RESULT, _with_peaks(dict(prepared, tokens=np.asarray(tokens).tolist())))
 
 
@@ -522,7 +522,9 @@ class _Worker:
       json.dump(job, f)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    self._stderr = open(os.path.join(workdir, f"{side}.stderr"), "w+")  # pylint: disable=consider-using-with
+    # Its stderr (logs) to a file, read back on failure: a pipe nobody reads could fill up.
+    self._stderr = open(  # pylint: disable=consider-using-with
+        os.path.join(workdir, f"{side}.stderr"), "w+")
     try:
       self._proc = subprocess.Popen(  # pylint: disable=consider-using-with
           [python, os.path.abspath(__file__), f"--worker={side}", f"--job={path}"],
@@ -579,24 +581,26 @@ def round_order(sides: Sequence[str], round_index: int) -> list[str]:
 
 def measure(python_of, sides: Sequence[str], job: dict[str, Any], workdir: str, repeats: int,
             timeout_s: float) -> dict[str, dict[str, Any]]:
-  """Each side's result ({"compile_s", "first_s", "run_s", "runs_s", "tokens", peaks, ...}):
-  the sides started one at a time (each ready, i.e. warmed up, before the next starts), then
-  `repeats` rounds of one timed run each (`round_order`). A side that fails (or takes more than
-  `timeout_s` to answer) is printed and left out. `python_of(side)`: the interpreter to run it.
-  With repeats 0: the warm-up run's tokens only."""
+  """Each side's result ({"compile_s", "first_s", "run_s", "runs_s", "runs_started_at" (wall
+  clock), "tokens", peaks, ...}): the sides started one at a time (each ready, i.e. warmed up,
+  before the next starts), then `repeats` rounds of one timed run each (`round_order`). A side
+  that fails (or takes more than `timeout_s` to answer) is printed and left out.
+  `python_of(side)`: the interpreter to run it. With repeats 0: the warm-up run's tokens only."""
   workers, results = {}, {}
   try:
     for side in sides:
       try:
         worker = _Worker(python_of(side), side, job, workdir, timeout_s)
-        results[side] = dict(worker.request(None, _READY), runs_s=[])
+        results[side] = dict(worker.request(None, _READY), runs_s=[], runs_started_at=[])
         workers[side] = worker
       except _WorkerFailed as e:
         print(f"  {side}: {e}", flush=True)
     for r in range(repeats):
       for side in round_order(list(workers), r):
         try:
-          results[side]["runs_s"].append(workers[side].request("run", _TIME)["seconds"])
+          timed = workers[side].request("run", _TIME)
+          results[side]["runs_s"].append(timed["seconds"])
+          results[side]["runs_started_at"].append(timed["started_at"])
         except _WorkerFailed as e:
           del workers[side], results[side]
           print(f"  {side}: {e}", flush=True)

@@ -178,13 +178,15 @@ def test_measure_drives_live_workers_and_leaves_out_sides_that_fail(tmp_path, ca
   hangs = tmp_path / "hangs"
   hangs.write_text("#!/bin/sh\nexec sleep 60\n")
   hangs.chmod(0o755)
-  pythons = {"ours": sys.executable, "ours_unrolled": sys.executable, "transformers": "/bin/false",
-             "tunix": str(hangs)}
+  pythons = {"ours": sys.executable, "ours_unrolled": sys.executable,
+             "transformers": "/bin/false", "tunix": str(hangs)}
   job = dict(model=str(tmp_path / "model"), prompts=[[1, 2, 3], [2, 3, 4]], instruction=[5, 6],
              pad_id=0, max_new_tokens=3, greedy=False, torch_threads=0)
   results = bench_sampler.measure(pythons.get, ["ours", "transformers", "ours_unrolled"], job,
                                   str(tmp_path), repeats=2, timeout_s=300)
   assert sorted(results) == ["ours", "ours_unrolled"]
+  runs = sorted((at, side) for side, r in results.items() for at in r["runs_started_at"])
+  assert [side for _, side in runs] == ["ours", "ours_unrolled", "ours_unrolled", "ours"]
   for r in results.values():
     assert len(r["runs_s"]) == 2 and r["run_s"] == statistics.median(r["runs_s"])
     assert r["compile_s"] > 0 and r["first_s"] > 0 and r["peak_rss"] > 0
