@@ -17,7 +17,8 @@ its jaxpr in tests/test_benchmarks.py):
   tokens: forward 2 * matmul_params * B * T + attention, backward twice the forward, so
       6 * matmul_params * B * T + 3 * B * self_attention_flops(cfg, T).
   Recomputation (remat, the chunked log-probs' backward) is real work but not model FLOPs.
-* `decode_step_flops` / `decode_step_bytes`: one sampler step (one new token per row).
+* `decode_step_flops` / `decode_step_bytes`: one sampler step (one new token per row), its
+  sliding-window layers attending at most their window (`attended_slots`).
 
 Measured peaks (same process, same moment as the benchmark, so a loaded machine lowers both):
 
@@ -77,17 +78,28 @@ def train_flops(cfg: model_lib.ModelConfig, batch: int, seq_len: int) -> int:
   return 3 * forward
 
 
+def attended_slots(cfg: model_lib.ModelConfig, attend_len: int) -> int:
+  """Cache slots a decode step attending `attend_len` slots reads, summed over the layers: a
+  sliding-window layer at most its window (its keys in a ring once the cache is longer:
+  `init_cache`)."""
+  cache = jax.eval_shape(lambda: model_lib.init_cache(cfg, 1, attend_len))
+  if cache.ring_k is None:
+    return cfg.num_layers * attend_len
+  return cache.k.shape[0] * attend_len + cache.ring_k.shape[0] * cfg.sliding_window
+
+
 def decode_step_flops(cfg: model_lib.ModelConfig, batch: int, attend_len: int) -> int:
   """FLOPs of one decode step: one token per row through every matmul and the output head,
-  attending `attend_len` cache slots."""
-  return batch * (2 * matmul_params(cfg) + attention_flops(cfg, 1, attend_len))
+  attending `attend_len` cache slots (`attended_slots`)."""
+  return batch * (2 * matmul_params(cfg)
+                  + 4 * cfg.num_heads * cfg.head_dim * attended_slots(cfg, attend_len))
 
 
 def decode_step_bytes(cfg: model_lib.ModelConfig, batch: int, attend_len: int) -> int:
   """Bytes a decode step must read at least: every matmul weight once (in `param_dtype`) and
-  the keys and values of `attend_len` slots of every row and layer (cache in `cfg.dtype`)."""
+  the keys and values of the `attended_slots` of every row (cache in `cfg.dtype`)."""
   weight_bytes = matmul_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize
-  kv_values = 2 * cfg.num_layers * batch * attend_len * cfg.num_kv_heads * cfg.head_dim
+  kv_values = 2 * batch * attended_slots(cfg, attend_len) * cfg.num_kv_heads * cfg.head_dim
   return weight_bytes + kv_values * jnp.dtype(cfg.dtype).itemsize
 
 

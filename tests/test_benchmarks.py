@@ -83,8 +83,9 @@ def test_decode_step_flops_equal_traced_matmuls(name):
   tok = jnp.zeros((batch, 1), jnp.int32)
   pos = jnp.full((batch, 1), 9, jnp.int32)
 
-  def step(p, c):
-    hidden, c = model_lib.apply(cfg, p, tok, pos, c, attend_len)
+  def step(p, c):  # Layers unrolled: a scanned layer's kind is a `cond` on data.
+    hidden, c = model_lib.apply(cfg, p, tok, pos, c, attend_len,
+                                layers=model_lib.unstack_layers(cfg, p))
     return model_lib.logits_of(cfg, p, hidden[:, 0]), c
 
   traced = _dot_flops(jax.make_jaxpr(step)(params, cache).jaxpr)
@@ -104,10 +105,11 @@ def test_matmul_params_are_the_matmul_weights():
 def test_decode_step_bytes_count_weights_and_the_attended_cache():
   cfg = _CONFIGS["gemma3"]
   weights = yardsticks.matmul_params(cfg) * 4
-  cache = model_lib.init_cache(cfg, 2, 10)  # float32, as cfg.dtype
-  per_slot = (cache.k.nbytes + cache.v.nbytes) // 10
-  assert yardsticks.decode_step_bytes(cfg, 2, 10) == weights + 10 * per_slot
-  assert yardsticks.decode_step_bytes(cfg, 2, 3) == weights + 3 * per_slot
+  cache = model_lib.init_cache(cfg, 2, 10)  # float32, as cfg.dtype; window 8 < 10 slots:
+  shared = (cache.k.nbytes + cache.v.nbytes) // 10  # the global layer's 10 slots,
+  ring = (cache.ring_k.nbytes + cache.ring_v.nbytes) // 8  # the local one's ring of 8.
+  assert yardsticks.decode_step_bytes(cfg, 2, 10) == weights + 10 * shared + 8 * ring
+  assert yardsticks.decode_step_bytes(cfg, 2, 3) == weights + 3 * (shared + ring)
 
 
 def test_peaks_are_positive_and_finite():

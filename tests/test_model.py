@@ -131,6 +131,57 @@ def test_unrolled_apply_on_unstacked_layers_equals_scanned(params):
   assert int(cache_b.used) == 9 and (np.asarray(cache_b.pos[:, 9:]) == -1).all()
 
 
+def test_ring_cache_decodes_as_the_whole_cache(params):
+  """Sliding-window layers keeping their keys in a ring of `window` slots per row give the
+  hidden states of a cache holding every slot, through what the sampler does: a prompt chunk
+  longer than the window with padded rows, single tokens (a row sitting steps out, as a
+  finished one does), a chunk at each row's own positions, more single tokens."""
+  rng = np.random.default_rng(1)
+  lengths = np.array([7, 4, 1])
+  calls = [np.where(np.arange(7) < lengths[:, None], np.arange(7), -1)]  # positions [B, S]
+  nxt = lengths.copy()
+  for step in range(10):
+    active = np.array([True, step % 4 != 1, step not in (2, 3)])
+    calls.append(np.where(active, nxt, -1)[:, None])
+    nxt += active
+    if step == 5:  # an instruction chunk, each row at its own positions
+      calls.append(nxt[:, None] + np.arange(4))
+      nxt += 4
+  whole = model_lib.init_cache(CFG, 3, sum(c.shape[1] for c in calls), ring=False)
+  ring = model_lib.init_cache(CFG, 3, whole.k.shape[3])
+  assert ring.k.shape[0] == 2 and ring.ring_k.shape[0] == 2 and ring.ring_k.shape[3] == 3
+  apply = jax.jit(model_lib.apply, static_argnums=(0, 5))
+  layers = model_lib.unstack_layers(CFG, params)
+  unrolled = ring
+  for positions in calls:
+    tokens = jnp.asarray(rng.integers(0, 32, positions.shape), jnp.int32)
+    expected, whole = apply(CFG, params, tokens, positions, whole)
+    got, ring = apply(CFG, params, tokens, positions, ring)
+    got_unrolled, unrolled = model_lib.apply(CFG, params, tokens, positions, unrolled,
+                                             layers=layers)
+    valid = positions >= 0
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_unrolled)[valid], np.asarray(expected)[valid],
+                               rtol=1e-5, atol=1e-5)
+  assert int(ring.used) == whole.k.shape[3] and nxt.min() > 3 * CFG.sliding_window
+  # The ring holds each row's last `window` positions.
+  held = np.sort(np.asarray(ring.ring_pos), axis=1)
+  np.testing.assert_array_equal(held, nxt[:, None] - np.arange(3, 0, -1))
+
+
+def test_ring_slots_leave_out_padding_and_keys_a_later_token_takes_the_slot_of():
+  positions = jnp.asarray([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(model_lib.ring_slots(positions, 3),
+                                [[3, 3, 3, 3, 1, 2, 0], [0, 1, 2, 3, 3, 3, 3]])
+
+
+def test_ring_needs_both_kinds_of_layers():
+  with pytest.raises(ValueError, match="both sliding-window and global"):
+    model_lib.init_cache(model_lib.tiny_config(global_every=1), 1, 20, ring=True)
+  assert model_lib.init_cache(model_lib.tiny_config(global_every=1), 1, 20).ring_k is None
+
+
 @pytest.mark.parametrize("x_shape, w_shape, n_in, transposed, spec", [
     ((2, 3, 4), (4, 5), 1, False, "bsd,df->bsf"),
     ((2, 3, 4), (4, 2, 3), 1, False, "bsd,dnh->bsnh"),

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from multidevice import run_with_devices
+from score_jax import partitioning
 from score_jax.decoding import sampler as sampler_lib
 from score_jax.decoding import sampling
 from score_jax.models import configs
@@ -19,7 +21,8 @@ MAX_NEW = 7
 
 @pytest.fixture(scope="module")
 def cfg_params():
-  cfg = model_lib.tiny_config(vocab_size=24)  # sliding window 8 < buffer: local layers tested
+  cfg = model_lib.tiny_config(vocab_size=24)  # sliding window 8 < buffer: local layers on a
+  # ring of 8 slots (asserted below).
   return cfg, model_lib.init_params(cfg, jax.random.PRNGKey(1))
 
 
@@ -71,8 +74,9 @@ def pick_eot(cfg, params):
 def test_greedy_matches_naive_reference(cfg_params, num_attempts, unroll_decode, attend_spans):
   cfg, params = cfg_params
   eot = pick_eot(cfg, params)
-  out = make_sampler(cfg, eot, num_attempts, unroll_decode, attend_spans)(
-      params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())
+  sampler = make_sampler(cfg, eot, num_attempts, unroll_decode, attend_spans)
+  assert model_lib.init_cache(cfg, 1, sampler.total_len).ring_k is not None
+  out = sampler(params, PROMPTS, jax.random.PRNGKey(0), sampling.Greedy())
   att_lengths = np.asarray(out.attempt_lengths)
   assert len(set(att_lengths[0].tolist())) >= 2, "attempt-1 lengths should be uneven"
   for b, prompt in enumerate(PROMPTS):
@@ -85,6 +89,28 @@ def test_greedy_matches_naive_reference(cfg_params, num_attempts, unroll_decode,
       assert np.asarray(out.attempt_tokens[k, b, :len(attempt)]).tolist() == attempt
       # The conversation buffer marks exactly these tokens as attempt k + 1.
       assert np.asarray(out.tokens[b][np.asarray(out.attempt[b]) == k + 1]).tolist() == attempt
+
+
+def _check_sharded_sampler_matches_one_device():
+  cfg = model_lib.tiny_config(vocab_size=24)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(1))
+  prompts, rng, method = PROMPTS * 2, jax.random.PRNGKey(3), sampling.Sampling(1.0)
+  expected = make_sampler(cfg, eot_id=3)(params, prompts, rng, method)
+  mesh = partitioning.make_mesh((2, 2, 2))
+  rules = partitioning.DEFAULT_RULES
+  params = jax.device_put(params, partitioning.model_param_shardings(cfg, mesh, rules))
+  sampler = sampler_lib.Sampler(cfg, num_attempts=2, max_new_tokens=MAX_NEW, max_prompt_len=6,
+                                instruction=INSTRUCTION, eot_id=3, pad_id=PAD, mesh=mesh)
+  with partitioning.with_mesh_and_rules(mesh, rules):
+    out = sampler(params, prompts, rng, method)
+  np.testing.assert_array_equal(out.tokens, expected.tokens)
+  np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-5)
+
+
+def test_sharded_sampler_matches_one_device():
+  """Rows split over 8 devices (data x fsdp), weights and KV cache (the ring included)
+  sharded by the logical rules: the tokens of one device."""
+  run_with_devices(8, _check_sharded_sampler_matches_one_device)
 
 
 @pytest.mark.parametrize("method", [

@@ -22,8 +22,9 @@ layers=...)`); prompts are prefilled without logits except at each prompt's last
 attention reads only the slots the decoding can have reached, not the whole buffer: each
 attempt runs as `attend_spans` loops over consecutive parts of its N steps (by default 4 when
 the cache is big next to the weights, else 1: `auto_attend_spans`), a loop attending the slots
-filled by its last step at most (`attend_len`, static per loop); the cache may be kept in
-bfloat16 (`cache_dtype`).
+filled by its last step at most (`attend_len`, static per loop), and sliding-window layers
+keep their keys in a ring of `window` slots once the buffer is longer than that (see
+models/transformer.py); the cache may be kept in bfloat16 (`cache_dtype`).
 
 A sampled end-of-turn token is part of its attempt (its log-prob is trained like any other);
 an attempt that reaches N tokens without one is cut there.
@@ -104,7 +105,8 @@ def auto_attend_spans(model_cfg: model_lib.ModelConfig, batch: int, total_len: i
   """
   cache = jax.eval_shape(functools.partial(model_lib.init_cache, model_cfg, batch, total_len,
                                            cache_dtype))
-  cache_bytes = cache.k.size * cache.k.dtype.itemsize * 2
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in (cache.k, cache.v, cache.ring_k,
+                                                         cache.ring_v) if x is not None)
   weight_bytes = model_cfg.num_params() * jnp.dtype(model_cfg.dtype).itemsize
   return _AUTO_SPANS if cache_bytes >= _SPANS_CACHE_SHARE * weight_bytes else 1
 
@@ -223,8 +225,9 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
   params = jax.tree.map(lambda w: w.astype(model_cfg.dtype) if w.ndim > 1 else w, params)
   cache = model_lib.init_cache(model_cfg, batch, total, cache_dtype)
   kv_axes = (None, model_lib.A_BATCH, model_lib.A_KV_HEADS, None, None)
-  cache = dataclasses.replace(cache, k=nn.with_logical_constraint(cache.k, kv_axes),
-                              v=nn.with_logical_constraint(cache.v, kv_axes))
+  cache = dataclasses.replace(cache, **{
+      name: nn.with_logical_constraint(getattr(cache, name), kv_axes)
+      for name in ("k", "v", "ring_k", "ring_v") if getattr(cache, name) is not None})
   # Prefill: logits only at each prompt's last token, which predicts its first new token.
   slots = jnp.arange(prompt_len)
   positions = jnp.where(slots < prompt_lengths[:, None], slots, -1)

@@ -17,6 +17,13 @@ depth), optionally rematerialised, with mixed precision:
   the filled slots whose position is <= its own, within the first `attend_len` slots when that
   static bound is given). Slots are shared by all rows and positions are per row, so rows at
   different lengths decode in lockstep; a row's unused slots hold position -1.
+  Sliding-window layers of a cache longer than the window keep their keys in a ring of
+  `window` slots per row instead (slot = position mod window, one scatter per layer), which
+  holds exactly the keys the window lets a query see, provided each row's positions run
+  0, 1, 2, ... across calls with none repeated (as the sampler feeds them; `init_cache(...,
+  ring=False)` for anything else). A single new token is written, then attends the ring; a
+  chunk of S tokens attends the ring as it was plus itself, and is written after all layers
+  (its later tokens may take the slots of keys its earlier ones still see).
 * `hidden`: [B, S, D] final-normed activations in the compute dtype. Log-probs of long
   sequences come from `logprobs.py`, which never holds [B, S, V] logits at once.
 
@@ -137,22 +144,48 @@ def tiny_config(vocab_size: int = 64, **overrides) -> ModelConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """The keys and values of every layer in T slots (see the module docstring).
+  """The keys and values of the layers in T slots shared by the rows (see the module docstring).
 
-  Heads before slots: attention contracts each head's [T, H] block as it is stored.
+  With a ring (`ring_k` not None), `k` / `v` hold the global layers only (in layer order) and
+  the local (sliding-window) layers keep theirs in `ring_k` / `ring_v`, W = window slots per
+  row, slot = position mod W. Heads before slots: attention contracts each head's [T, H]
+  block as it is stored.
   """
-  k: Array      # [L, B, K, T, H]
-  v: Array      # [L, B, K, T, H]
+  k: Array      # [L, B, K, T, H]; with a ring [L_global, B, K, T, H]
+  v: Array
   pos: Array    # int32 [B, T]: position of the token in each slot; -1: none
   used: Array   # int32 scalar: slots filled so far; the next tokens go to slot `used` on
+  ring_k: Optional[Array] = None    # [L_local, B, K, W, H]
+  ring_v: Optional[Array] = None
+  ring_pos: Optional[Array] = None  # int32 [B, W]: position held by each ring slot; -1: none
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
-  """An empty cache of `length` slots per sequence, in `dtype` (default: the compute dtype)."""
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None,
+               ring: Optional[bool] = None) -> KVCache:
+  """An empty cache of `length` slots per sequence, in `dtype` (default: the compute dtype).
+
+  `ring`: keep the sliding-window layers' keys in a ring of `cfg.sliding_window` slots (see
+  the module docstring); None: when that saves memory (`length` longer than the window, and
+  the model has layers of both kinds).
+  """
+  local = sum(not cfg.is_global(i) for i in range(cfg.num_layers))
+  can_ring = 0 < local < cfg.num_layers
+  if ring is None:
+    ring = can_ring and length > cfg.sliding_window
+  elif ring and not can_ring:
+    raise ValueError("a ring cache needs both sliding-window and global layers; "
+                     f"this model has {local} sliding-window layers of {cfg.num_layers}")
   dtype = cfg.dtype if dtype is None else dtype
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                 jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+  kv = lambda layers, slots: jnp.zeros(
+      (layers, batch, cfg.num_kv_heads, slots, cfg.head_dim), dtype)
+  shared = cfg.num_layers - local if ring else cfg.num_layers
+  cache = KVCache(kv(shared, length), kv(shared, length),
+                  jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+  if ring:
+    w = cfg.sliding_window
+    cache = dataclasses.replace(cache, ring_k=kv(local, w), ring_v=kv(local, w),
+                                ring_pos=jnp.full((batch, w), -1, jnp.int32))
+  return cache
 
 
 def _param(module, name, init, shape, axes, cfg):
@@ -252,7 +285,7 @@ def causal_blocks(length: int) -> int:
              if n == 1 or (length % n == 0 and length // n >= _CAUSAL_BLOCK_MIN))
 
 
-def _attend(cfg: ModelConfig, qg: Array, keys: Array, values: Array, q_pos: Array,
+def _attend(cfg: ModelConfig, qg: Array, q_pos: Array, keys: Array, values: Array,
             key_pos: Array, *, is_global: Array, decoding: bool) -> Array:
   """Softmax attention of grouped queries qg [B, K, S, G, H] at positions q_pos [B, S] over
   keys / values [B, K, T, H] at key_pos [B, T]: [B, K, S, G, H] float32."""
@@ -277,16 +310,90 @@ def _attend(cfg: ModelConfig, qg: Array, keys: Array, values: Array, q_pos: Arra
   return _dot32("bksgt,bkth->bksgh", probs.astype(cfg.dtype), values.astype(cfg.dtype))
 
 
+def _write_shared(cache: KVCache, layer: Array, k: Array, v: Array,
+                  skip: Optional[Array] = None) -> KVCache:
+  """The cache with keys / values [B, S, K, H] in layer `layer`'s next S shared slots, written
+  in place; where `skip` (traced bool) the slots get back what they hold instead."""
+  at = (layer, 0, 0, cache.used, 0)
+
+  def put(buf, new):
+    new = new.swapaxes(1, 2)[None].astype(buf.dtype)
+    if skip is not None:  # Both reads and writes clamp `at` alike: a no-op at any index.
+      new = jnp.where(skip, jax.lax.dynamic_slice(buf, at, new.shape), new)
+    return jax.lax.dynamic_update_slice(buf, new, at)
+  return dataclasses.replace(cache, k=put(cache.k, k), v=put(cache.v, v))
+
+
+def _shared_span(cache: KVCache, layer: Array, attend_len: Optional[int]):
+  """Layer `layer`'s keys and values [B, K, T', H] in the first T' = `attend_len` (all when
+  None) shared slots, and their positions [B, T']."""
+  span = cache.k.shape[3] if attend_len is None else attend_len
+  keys = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :, :span]
+  values = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :, :span]
+  return keys, values, cache.pos[:, :span]
+
+
+def ring_slots(positions: Array, size: int) -> Array:
+  """The ring slot [B, S] of each token at `positions` [B, S]: position mod `size`, or `size`
+  (out of range: not written) for padding and for a token that a later token of its row in
+  the same chunk would overwrite."""
+  last = positions.max(axis=1, keepdims=True)
+  keep = (positions >= 0) & (positions > last - size)
+  return jnp.where(keep, positions % size, size)
+
+
+def _write_ring(cache: KVCache, layer: Array, k: Array, v: Array, positions: Array,
+                skip: Array) -> KVCache:
+  """The cache with one token's keys / values [B, 1, K, H] scattered into ring layer `layer`
+  at each row's slot for `positions` [B, 1], in place; nothing written where `skip` (traced
+  bool: a global layer's turn)."""
+  size = cache.ring_k.shape[3]
+  slots = jnp.where(skip, size, ring_slots(positions, size))  # [B, 1]
+  rows = jnp.arange(slots.shape[0])[:, None]
+  # Indexed dims around a sliced one: the update is [B, 1] x the rest, [K, H].
+  put = lambda ring, new: ring.at[layer, rows, :, slots].set(new.astype(ring.dtype),
+                                                              mode="drop")
+  return dataclasses.replace(cache, ring_k=put(cache.ring_k, k), ring_v=put(cache.ring_v, v))
+
+
+def _write_ring_chunk(cfg: ModelConfig, cache: KVCache, k: Array, v: Array,
+                      positions: Array) -> KVCache:
+  """The cache with a chunk's keys / values of every layer, [L, B, S, K, H], scattered into
+  the ring (the local layers'), in place, after all layers attended the ring as it was."""
+  local = [i for i in range(cfg.num_layers) if not cfg.is_global(i)]
+  size = cache.ring_k.shape[3]
+  slots = ring_slots(positions, size)[None]  # [1, B, S]
+  rows = jnp.arange(slots.shape[1])[None, :, None]
+  layers = jnp.arange(len(local))[:, None, None]
+  # Indexed dims around a sliced one: the update is [L_local, B, S] x the rest, [K, H].
+  put = lambda ring, new: ring.at[layers, rows, :, slots].set(
+      new[jnp.asarray(local)].astype(ring.dtype), mode="drop")
+  return dataclasses.replace(cache, ring_k=put(cache.ring_k, k), ring_v=put(cache.ring_v, v))
+
+
+def _ring_span(cache: KVCache, layer: Array, attend_len: Optional[int]):
+  """Ring layer `layer`'s keys and values [B, K, W', H] in its first W' slots, and their
+  positions [B, W']: all W, or the first `attend_len` when fewer (positions below it have not
+  wrapped)."""
+  span = cache.ring_k.shape[3] if attend_len is None else min(cache.ring_k.shape[3],
+                                                                attend_len)
+  keys = jax.lax.dynamic_index_in_dim(cache.ring_k, layer, keepdims=False)[:, :, :span]
+  values = jax.lax.dynamic_index_in_dim(cache.ring_v, layer, keepdims=False)[:, :, :span]
+  return keys, values, cache.ring_pos[:, :span]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, layer: Array, is_global: Array,
                cache: Optional[KVCache], attend_len: Optional[int]):
-    """x: [B, S, D]; `layer` / `is_global`: this layer's index / kind (traced scalars).
+    """x: [B, S, D]; `layer` / `is_global`: this layer's index in the cache (`layer_kinds`) /
+    its kind (traced scalars; Python values when the layers are unrolled).
 
     With a cache, writes this layer's new keys and values into it (in place) and attends the
-    first `attend_len` slots (all when None). Returns (y [B, S, D], cache).
+    first `attend_len` slots (all when None). Returns (y [B, S, D], cache, written): `written`
+    is None, or a chunk's keys and values for the ring, which `apply` writes after the layers.
     """
     cfg = self.cfg
     init = nn.initializers.normal(stddev=0.02)
@@ -314,21 +421,6 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, freq)
     q = nn.with_logical_constraint(q, (A_BATCH, A_LENGTH, A_HEADS, None))
 
-    if cache is None:  # Attend the S tokens given.
-      keys, values, key_pos = k.swapaxes(1, 2), v.swapaxes(1, 2), positions
-    else:  # Write the new keys/values to the next slots (in place), attend the cache.
-      at = (layer, 0, 0, cache.used, 0)  # `apply` has already recorded their positions
-      cache = dataclasses.replace(
-          cache, k=jax.lax.dynamic_update_slice(cache.k, k.swapaxes(1, 2)[None].astype(
-              cache.k.dtype), at),
-          v=jax.lax.dynamic_update_slice(cache.v, v.swapaxes(1, 2)[None].astype(
-              cache.v.dtype), at))
-      span = cache.k.shape[3] if attend_len is None else attend_len
-      keys = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :, :span]
-      values = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :, :span]
-      key_pos = cache.pos[:, :span]
-    # keys, values: [B, K, T, H].
-
     # Query heads grouped by the key head they share, batch dims (b, k) leading in every
     # operand and result: XLA:CPU runs these batched dots ~1.4x faster than with the query's
     # [B, S, K, G, H] order (a probe of the attention alone; no transposes around each of
@@ -336,20 +428,43 @@ class Attention(nn.Module):
     groups = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(q.shape[:2] + (cfg.num_kv_heads, groups, cfg.head_dim)).transpose(
         0, 2, 1, 3, 4)  # [B, K, S, G, H]
-    attend = functools.partial(_attend, cfg, is_global=is_global, decoding=cache is not None)
-    # Causal: query block i sees key blocks 0..i only; the blocks above the diagonal of the
-    # square are not computed (training and reference forwards of long sequences). Decoding:
-    # one block, every key in the span.
-    n = causal_blocks(q.shape[1]) if cache is None else 1
-    size = q.shape[1] // n
-    blocks = [attend(qg[:, :, i * size:(i + 1) * size], keys[:, :, :(i + 1) * size],
-                     values[:, :, :(i + 1) * size], positions[:, i * size:(i + 1) * size],
-                     key_pos[:, :(i + 1) * size]) for i in range(n - 1)]
-    blocks.append(attend(qg[:, :, (n - 1) * size:], keys, values,
-                         positions[:, (n - 1) * size:], key_pos))
-    out = blocks[0] if n == 1 else jnp.concatenate(blocks, axis=2)
+    attend = functools.partial(_attend, cfg, qg, positions, is_global=is_global, decoding=True)
+    written = None  # A chunk's keys / values [B, S, K, H] when the ring takes them after.
+    if cache is None:  # Attend the S tokens given, causally: query block i sees key blocks
+      # 0..i only; the blocks above the diagonal of the square are not computed (training
+      # and reference forwards of long sequences).
+      keys, values = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, K, S, H]
+      n = causal_blocks(q.shape[1])
+      size = q.shape[1] // n
+      blocks = [_attend(cfg, qg[:, :, i * size:(i + 1) * size],
+                        positions[:, i * size:(i + 1) * size], keys[:, :, :(i + 1) * size],
+                        values[:, :, :(i + 1) * size], positions[:, :(i + 1) * size],
+                        is_global=is_global, decoding=False)
+                for i in range(n)]
+      out = blocks[0] if n == 1 else jnp.concatenate(blocks, axis=2)
+    elif cache.ring_k is None:  # Write the new keys to the next shared slots, attend them.
+      cache = _write_shared(cache, layer, k, v)
+      out = attend(*_shared_span(cache, layer, attend_len))
+    else:  # Global layers as above, local ones in the ring; the other kind's write is a no-op.
+      cache = _write_shared(cache, layer, k, v, skip=jnp.logical_not(is_global))
+      if q.shape[1] > 1:  # A chunk attends the ring as it was, plus itself; `apply` writes
+        # it to the ring after all layers (a write here, beside the read, copies the ring).
+        keys, values, key_pos = _ring_span(cache, layer, attend_len)
+        chunk = (jnp.concatenate([keys, k.swapaxes(1, 2).astype(keys.dtype)], axis=2),
+                 jnp.concatenate([values, v.swapaxes(1, 2).astype(values.dtype)], axis=2),
+                 jnp.concatenate([key_pos, positions], axis=1))
+        attend_ring = lambda: attend(*chunk)
+        written = (k, v)
+      else:  # One token is written, then attends the ring (see the module docstring).
+        cache = _write_ring(cache, layer, k, v, positions, skip=is_global)
+        attend_ring = lambda: attend(*_ring_span(cache, layer, attend_len))
+      attend_shared = lambda: attend(*_shared_span(cache, layer, attend_len))
+      if isinstance(is_global, bool):  # Unrolled layers: the kind is known.
+        out = attend_shared() if is_global else attend_ring()
+      else:
+        out = jax.lax.cond(is_global, attend_shared, attend_ring)
     out = out.transpose(0, 2, 1, 3, 4).reshape(q.shape).astype(cfg.dtype)
-    return dense(out, wo, n_in=2), cache
+    return dense(out, wo, n_in=2), cache, written
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda z: jax.nn.gelu(z, approximate=True)}
@@ -373,8 +488,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
   """One layer, in the signature `nn.scan` wants: (carry, per-layer input, shared input).
 
-  carry: (x [B, S, D], cache or None); layer_info: (index, is_global) of this layer;
-  positions: int32 [B, S]. `attend_len` bounds the attended cache slots (static).
+  carry: (x [B, S, D], cache or None); layer_info: (index in the cache, is_global);
+  positions: int32 [B, S]. `attend_len` bounds the attended cache slots (static). The
+  per-layer output is None or the chunk keys and values the ring takes after the layers.
   """
   cfg: ModelConfig
   attend_len: Optional[int] = None
@@ -384,7 +500,7 @@ class Block(nn.Module):
     cfg = self.cfg
     x, cache = carry
     layer, is_global = layer_info
-    h, cache = Attention(cfg, name="attn")(RMSNorm(cfg, name="pre_attn_norm")(x), positions,
+    h, cache, written = Attention(cfg, name="attn")(RMSNorm(cfg, name="pre_attn_norm")(x), positions,
                                            layer, is_global, cache, self.attend_len)
     if cfg.post_norms:
       h = RMSNorm(cfg, name="post_attn_norm")(h)
@@ -393,7 +509,7 @@ class Block(nn.Module):
     if cfg.post_norms:
       h = RMSNorm(cfg, name="post_mlp_norm")(h)
     x = nn.with_logical_constraint(x + h, (A_BATCH, A_LENGTH, A_EMBED))
-    return (x, cache), None
+    return (x, cache), written
 
 
 def _embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
@@ -405,23 +521,50 @@ def _embed(cfg: ModelConfig, embedding: Array, tokens: Array) -> Array:
 
 
 def _record_positions(cache: Optional[KVCache], positions: Array) -> Optional[KVCache]:
-  """The cache with `positions` [B, S] recorded for the next S slots (before the layers write
-  their keys there)."""
+  """The cache with `positions` [B, S] recorded for the next S slots, before the layers write
+  their keys there (and in the ring, for a single token: see the module docstring)."""
   if cache is None:
     return None
-  return dataclasses.replace(
+  cache = dataclasses.replace(
       cache, pos=jax.lax.dynamic_update_slice(cache.pos, positions.astype(jnp.int32),
                                               (0, cache.used)))
+  return _record_ring_positions(cache, positions) if positions.shape[1] == 1 else cache
 
 
-def _advance(cache: Optional[KVCache], num_tokens: int) -> Optional[KVCache]:
-  """The cache after the layers wrote `num_tokens` slots."""
-  return None if cache is None else dataclasses.replace(cache, used=cache.used + num_tokens)
+def _record_ring_positions(cache: KVCache, positions: Array) -> KVCache:
+  if cache.ring_pos is None:
+    return cache
+  rows = jnp.arange(positions.shape[0])[:, None]
+  slots = ring_slots(positions, cache.ring_pos.shape[1])
+  return dataclasses.replace(cache, ring_pos=cache.ring_pos.at[rows, slots].set(
+      positions.astype(jnp.int32), mode="drop"))
 
 
-def layer_kinds(cfg: ModelConfig) -> tuple[Array, Array]:
-  """The per-layer scan inputs: (index int32 [L], is_global bool [L])."""
-  return (jnp.arange(cfg.num_layers, dtype=jnp.int32),
+def _advance(cfg: ModelConfig, cache: Optional[KVCache], positions: Array,
+             written: Optional[tuple[Array, Array]]) -> Optional[KVCache]:
+  """The cache after the layers wrote the tokens at `positions` [B, S]; `written`: the keys
+  and values [L, B, S, K, H] of a chunk for the ring, or None."""
+  if cache is None:
+    return None
+  if written is not None:
+    cache = _record_ring_positions(_write_ring_chunk(cfg, cache, *written, positions),
+                                   positions)
+  return dataclasses.replace(cache, used=cache.used + positions.shape[1])
+
+
+def _has_ring(cache: Optional[KVCache]) -> bool:
+  return cache is not None and cache.ring_k is not None
+
+
+def _cache_layers(cfg: ModelConfig, ring: bool) -> list[int]:
+  """Each layer's index in the cache: its own, or with a ring its index among its kind's."""
+  kinds = [cfg.is_global(i) for i in range(cfg.num_layers)]
+  return [kinds[:i].count(kinds[i]) if ring else i for i in range(cfg.num_layers)]
+
+
+def layer_kinds(cfg: ModelConfig, ring: bool = False) -> tuple[Array, Array]:
+  """The per-layer scan inputs: (index in the cache int32 [L], is_global bool [L])."""
+  return (jnp.asarray(_cache_layers(cfg, ring), jnp.int32),
           jnp.asarray([cfg.is_global(i) for i in range(cfg.num_layers)]))
 
 
@@ -448,9 +591,9 @@ class Transformer(nn.Module):
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: LAYERS})
-    (x, cache), _ = layers(cfg, self.attend_len, name="layers")(
-        (x, cache), layer_kinds(cfg), positions)
-    return RMSNorm(cfg, name="final_norm")(x), _advance(cache, tokens.shape[1])
+    (x, cache), written = layers(cfg, self.attend_len, name="layers")(
+        (x, cache), layer_kinds(cfg, _has_ring(cache)), positions)
+    return RMSNorm(cfg, name="final_norm")(x), _advance(cfg, cache, positions, written)
 
 
 def init_params(cfg: ModelConfig, rng: Array) -> Any:
@@ -492,10 +635,14 @@ def apply(cfg: ModelConfig, params: Any, tokens: Array, positions: Array,
     return Transformer(cfg, attend_len).apply({"params": params}, tokens, positions, cache)
   x = _embed(cfg, params["embedding"], tokens)
   cache = _record_positions(cache, positions)
-  for i, layer in enumerate(layers):
-    (x, cache), _ = Block(cfg, attend_len).apply(
-        {"params": layer}, (x, cache), (jnp.int32(i), jnp.bool_(cfg.is_global(i))), positions)
-  return RMSNorm(cfg).apply({"params": params["final_norm"]}, x), _advance(cache, tokens.shape[1])
+  written = []
+  for i, (layer, index) in enumerate(zip(layers, _cache_layers(cfg, _has_ring(cache)))):
+    (x, cache), kv = Block(cfg, attend_len).apply(
+        {"params": layer}, (x, cache), (index, cfg.is_global(i)), positions)
+    written.append(kv)
+  written = None if written[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *written)
+  hidden = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+  return hidden, _advance(cfg, cache, positions, written)
 
 
 def logits_of(cfg: ModelConfig, params: Any, hidden: Array) -> Array:
