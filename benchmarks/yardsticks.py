@@ -85,7 +85,7 @@ def attended_slots(cfg: model_lib.ModelConfig, attend_len: int) -> int:
   cache = jax.eval_shape(lambda: model_lib.init_cache(cfg, 1, attend_len))
   if cache.ring_k is None:
     return cfg.num_layers * attend_len
-  return cache.k.shape[0] * attend_len + cache.ring_k.shape[0] * cfg.sliding_window
+  return cache.k.shape[0] * attend_len + cache.ring_k.shape[1] * cfg.sliding_window
 
 
 def decode_step_flops(cfg: model_lib.ModelConfig, batch: int, attend_len: int) -> int:

@@ -149,7 +149,7 @@ def test_ring_cache_decodes_as_the_whole_cache(params):
       nxt += 4
   whole = model_lib.init_cache(CFG, 3, sum(c.shape[1] for c in calls), ring=False)
   ring = model_lib.init_cache(CFG, 3, whole.k.shape[3])
-  assert ring.k.shape[0] == 2 and ring.ring_k.shape[0] == 2 and ring.ring_k.shape[3] == 3
+  assert ring.k.shape[0] == 2 and ring.ring_k.shape[1] == 2 and ring.ring_k.shape[3] == 3
   apply = jax.jit(model_lib.apply, static_argnums=(0, 5))
   layers = model_lib.unstack_layers(CFG, params)
   unrolled = ring

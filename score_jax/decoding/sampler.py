@@ -225,9 +225,11 @@ def sample(params: Any, prompts: Array, prompt_lengths: Array, instruction: Arra
   params = jax.tree.map(lambda w: w.astype(model_cfg.dtype) if w.ndim > 1 else w, params)
   cache = model_lib.init_cache(model_cfg, batch, total, cache_dtype)
   kv_axes = (None, model_lib.A_BATCH, model_lib.A_KV_HEADS, None, None)
+  ring_axes = (model_lib.A_BATCH, None, model_lib.A_KV_HEADS, None, None)
   cache = dataclasses.replace(cache, **{
-      name: nn.with_logical_constraint(getattr(cache, name), kv_axes)
-      for name in ("k", "v", "ring_k", "ring_v") if getattr(cache, name) is not None})
+      name: nn.with_logical_constraint(getattr(cache, name), axes)
+      for name, axes in (("k", kv_axes), ("v", kv_axes), ("ring_k", ring_axes),
+                         ("ring_v", ring_axes)) if getattr(cache, name) is not None})
   # Prefill: logits only at each prompt's last token, which predicts its first new token.
   slots = jnp.arange(prompt_len)
   positions = jnp.where(slots < prompt_lengths[:, None], slots, -1)

@@ -148,14 +148,15 @@ class KVCache:
 
   With a ring (`ring_k` not None), `k` / `v` hold the global layers only (in layer order) and
   the local (sliding-window) layers keep theirs in `ring_k` / `ring_v`, W = window slots per
-  row, slot = position mod W. Heads before slots: attention contracts each head's [T, H]
+  row, slot = position mod W, rows first (each row's writes are its own: a batching dimension
+  of the scatter, which a sharded batch keeps sharded). Heads before slots: attention contracts each head's [T, H]
   block as it is stored.
   """
   k: Array      # [L, B, K, T, H]; with a ring [L_global, B, K, T, H]
   v: Array
   pos: Array    # int32 [B, T]: position of the token in each slot; -1: none
   used: Array   # int32 scalar: slots filled so far; the next tokens go to slot `used` on
-  ring_k: Optional[Array] = None    # [L_local, B, K, W, H]
+  ring_k: Optional[Array] = None    # [B, L_local, K, W, H]
   ring_v: Optional[Array] = None
   ring_pos: Optional[Array] = None  # int32 [B, W]: position held by each ring slot; -1: none
 
@@ -183,7 +184,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None,
                   jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
   if ring:
     w = cfg.sliding_window
-    cache = dataclasses.replace(cache, ring_k=kv(local, w), ring_v=kv(local, w),
+    ring = lambda: kv(local, w).swapaxes(0, 1)
+    cache = dataclasses.replace(cache, ring_k=ring(), ring_v=ring(),
                                 ring_pos=jnp.full((batch, w), -1, jnp.int32))
   return cache
 
@@ -349,11 +351,11 @@ def _write_ring(cache: KVCache, layer: Array, k: Array, v: Array, positions: Arr
   bool: a global layer's turn)."""
   size = cache.ring_k.shape[3]
   slots = jnp.where(skip, size, ring_slots(positions, size))  # [B, 1]
-  rows = jnp.arange(slots.shape[0])[:, None]
-  # Indexed dims around a sliced one: the update is [B, 1] x the rest, [K, H].
-  put = lambda ring, new: ring.at[layer, rows, :, slots].set(new.astype(ring.dtype),
-                                                              mode="drop")
-  return dataclasses.replace(cache, ring_k=put(cache.ring_k, k), ring_v=put(cache.ring_v, v))
+  # A row: ring [L_local, K, W, H], slots [1], new [1, K, H].
+  row = lambda ring, s, new: ring.at[layer, :, s].set(new.astype(ring.dtype), mode="drop")
+  put = jax.vmap(row)
+  return dataclasses.replace(cache, ring_k=put(cache.ring_k, slots, k),
+                             ring_v=put(cache.ring_v, slots, v))
 
 
 def _write_ring_chunk(cfg: ModelConfig, cache: KVCache, k: Array, v: Array,
@@ -362,13 +364,13 @@ def _write_ring_chunk(cfg: ModelConfig, cache: KVCache, k: Array, v: Array,
   the ring (the local layers'), in place, after all layers attended the ring as it was."""
   local = [i for i in range(cfg.num_layers) if not cfg.is_global(i)]
   size = cache.ring_k.shape[3]
-  slots = ring_slots(positions, size)[None]  # [1, B, S]
-  rows = jnp.arange(slots.shape[1])[None, :, None]
-  layers = jnp.arange(len(local))[:, None, None]
-  # Indexed dims around a sliced one: the update is [L_local, B, S] x the rest, [K, H].
-  put = lambda ring, new: ring.at[layers, rows, :, slots].set(
-      new[jnp.asarray(local)].astype(ring.dtype), mode="drop")
-  return dataclasses.replace(cache, ring_k=put(cache.ring_k, k), ring_v=put(cache.ring_v, v))
+  slots = ring_slots(positions, size)  # [B, S]
+  # A row: ring [L_local, K, W, H], slots [S], new [L, S, K, H].
+  row = lambda ring, s, new: ring.at[:, :, s].set(
+      new[jnp.asarray(local)].swapaxes(1, 2).astype(ring.dtype), mode="drop")
+  put = jax.vmap(row, in_axes=(0, 0, 1))
+  return dataclasses.replace(cache, ring_k=put(cache.ring_k, slots, k),
+                             ring_v=put(cache.ring_v, slots, v))
 
 
 def _ring_span(cache: KVCache, layer: Array, attend_len: Optional[int]):
@@ -377,8 +379,8 @@ def _ring_span(cache: KVCache, layer: Array, attend_len: Optional[int]):
   wrapped)."""
   span = cache.ring_k.shape[3] if attend_len is None else min(cache.ring_k.shape[3],
                                                                 attend_len)
-  keys = jax.lax.dynamic_index_in_dim(cache.ring_k, layer, keepdims=False)[:, :, :span]
-  values = jax.lax.dynamic_index_in_dim(cache.ring_v, layer, keepdims=False)[:, :, :span]
+  keys = jax.lax.dynamic_index_in_dim(cache.ring_k, layer, 1, keepdims=False)[:, :, :span]
+  values = jax.lax.dynamic_index_in_dim(cache.ring_v, layer, 1, keepdims=False)[:, :, :span]
   return keys, values, cache.ring_pos[:, :span]
 
 
