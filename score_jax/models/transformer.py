@@ -344,33 +344,35 @@ def ring_slots(positions: Array, size: int) -> Array:
   return jnp.where(keep, positions % size, size)
 
 
+def _scatter_ring(ring: Array, layers, slots: Array, new: Array) -> Array:
+  """`ring` [B, L_local, K, W, H] with `new` at each row's `slots` [B, S] (slot W: not
+  written) of ring layer `layers` (an index: `new` [B, S, K, H]) or of every ring layer
+  (`slice(None)`: `new` [B, L_local, K, S, H]), in place. Each row writes its own slots: mapped
+  over the rows, the batch is a batching dimension of the scatter, which a sharded batch keeps
+  sharded (with a row index the partitioner gathers the updates of all rows)."""
+  row = lambda r, s, u: r.at[layers, :, s].set(u.astype(r.dtype), mode="drop")
+  return jax.vmap(row)(ring, slots, new)
+
+
 def _write_ring(cache: KVCache, layer: Array, k: Array, v: Array, positions: Array,
                 skip: Array) -> KVCache:
-  """The cache with one token's keys / values [B, 1, K, H] scattered into ring layer `layer`
-  at each row's slot for `positions` [B, 1], in place; nothing written where `skip` (traced
-  bool: a global layer's turn)."""
+  """The cache with one token's keys / values [B, 1, K, H] in ring layer `layer` at each row's
+  slot for `positions` [B, 1]; nothing written where `skip` (traced bool: a global layer)."""
   size = cache.ring_k.shape[3]
-  slots = jnp.where(skip, size, ring_slots(positions, size))  # [B, 1]
-  # A row: ring [L_local, K, W, H], slots [1], new [1, K, H].
-  row = lambda ring, s, new: ring.at[layer, :, s].set(new.astype(ring.dtype), mode="drop")
-  put = jax.vmap(row)
-  return dataclasses.replace(cache, ring_k=put(cache.ring_k, slots, k),
-                             ring_v=put(cache.ring_v, slots, v))
+  slots = jnp.where(skip, size, ring_slots(positions, size))
+  return dataclasses.replace(cache, ring_k=_scatter_ring(cache.ring_k, layer, slots, k),
+                             ring_v=_scatter_ring(cache.ring_v, layer, slots, v))
 
 
 def _write_ring_chunk(cfg: ModelConfig, cache: KVCache, k: Array, v: Array,
                       positions: Array) -> KVCache:
-  """The cache with a chunk's keys / values of every layer, [L, B, S, K, H], scattered into
-  the ring (the local layers'), in place, after all layers attended the ring as it was."""
-  local = [i for i in range(cfg.num_layers) if not cfg.is_global(i)]
-  size = cache.ring_k.shape[3]
-  slots = ring_slots(positions, size)  # [B, S]
-  # A row: ring [L_local, K, W, H], slots [S], new [L, S, K, H].
-  row = lambda ring, s, new: ring.at[:, :, s].set(
-      new[jnp.asarray(local)].swapaxes(1, 2).astype(ring.dtype), mode="drop")
-  put = jax.vmap(row, in_axes=(0, 0, 1))
-  return dataclasses.replace(cache, ring_k=put(cache.ring_k, slots, k),
-                             ring_v=put(cache.ring_v, slots, v))
+  """The cache with a chunk's keys / values of every layer, [L, B, S, K, H], in the ring (the
+  local layers'), after all layers attended the ring as it was."""
+  local = jnp.asarray([i for i in range(cfg.num_layers) if not cfg.is_global(i)])
+  slots = ring_slots(positions, cache.ring_k.shape[3])
+  put = lambda ring, new: _scatter_ring(ring, slice(None), slots,
+                                        new[local].transpose(1, 0, 3, 2, 4))
+  return dataclasses.replace(cache, ring_k=put(cache.ring_k, k), ring_v=put(cache.ring_v, v))
 
 
 def _ring_span(cache: KVCache, layer: Array, attend_len: Optional[int]):
