@@ -451,20 +451,17 @@ class Attention(nn.Module):
       out = attend(*_shared_span(cache, layer, attend_len))
     else:  # Global layers as above, local ones in the ring; the other kind's write is a no-op.
       cache = _write_shared(cache, layer, k, v, skip=jnp.logical_not(is_global))
-      chunk = q.shape[1] > 1
-      if chunk:  # `apply` writes a chunk to the ring after all layers attended it (written
-        written = (k, v)  # here, beside this layer's read of the ring, XLA copies the ring).
+      if q.shape[1] > 1:  # A chunk attends the ring as it was, plus itself; `apply` writes
+        # it to the ring after all layers (a write here, beside the read, copies the ring).
+        keys, values, key_pos = _ring_span(cache, layer, attend_len)
+        chunk = (jnp.concatenate([keys, k.swapaxes(1, 2).astype(keys.dtype)], axis=2),
+                 jnp.concatenate([values, v.swapaxes(1, 2).astype(values.dtype)], axis=2),
+                 jnp.concatenate([key_pos, positions], axis=1))
+        attend_ring = lambda: attend(*chunk)
+        written = (k, v)
       else:  # One token is written, then attends the ring (see the module docstring).
         cache = _write_ring(cache, layer, k, v, positions, skip=is_global)
-
-      def attend_ring():
-        keys, values, key_pos = _ring_span(cache, layer, attend_len)
-        if chunk:  # The ring as it was, then the chunk.
-          keys = jnp.concatenate([keys, k.swapaxes(1, 2).astype(keys.dtype)], axis=2)
-          values = jnp.concatenate([values, v.swapaxes(1, 2).astype(values.dtype)], axis=2)
-          key_pos = jnp.concatenate([key_pos, positions], axis=1)
-        return attend(keys, values, key_pos)
-
+        attend_ring = lambda: attend(*_ring_span(cache, layer, attend_len))
       attend_shared = lambda: attend(*_shared_span(cache, layer, attend_len))
       if isinstance(is_global, bool):  # Unrolled layers: the kind is known.
         out = attend_shared() if is_global else attend_ring()
