@@ -453,6 +453,8 @@ class Attention(nn.Module):
       cache = _write_shared(cache, layer, k, v, skip=jnp.logical_not(is_global))
       if q.shape[1] > 1:  # A chunk attends the ring as it was, plus itself; `apply` writes
         # it to the ring after all layers (a write here, beside the read, copies the ring).
+        # Read outside the `cond`: inside it, the TPU compiler planned Gemma 3 4B's sampler
+        # 24-26% higher (the prompt's concatenation held in the branch).
         keys, values, key_pos = _ring_span(cache, layer, attend_len)
         chunk = (jnp.concatenate([keys, k.swapaxes(1, 2).astype(keys.dtype)], axis=2),
                  jnp.concatenate([values, v.swapaxes(1, 2).astype(values.dtype)], axis=2),
