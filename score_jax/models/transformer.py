@@ -149,8 +149,8 @@ class KVCache:
   With a ring (`ring_k` not None), `k` / `v` hold the global layers only (in layer order) and
   the local (sliding-window) layers keep theirs in `ring_k` / `ring_v`, W = window slots per
   row, slot = position mod W, rows first (each row's writes are its own: a batching dimension
-  of the scatter, which a sharded batch keeps sharded). Heads before slots: attention contracts each head's [T, H]
-  block as it is stored.
+  of the scatter, which a sharded batch keeps sharded). Heads before slots: attention
+  contracts each head's [T, H] block as it is stored.
   """
   k: Array      # [L, B, K, T, H]; with a ring [L_global, B, K, T, H]
   v: Array
@@ -506,8 +506,9 @@ class Block(nn.Module):
     cfg = self.cfg
     x, cache = carry
     layer, is_global = layer_info
-    h, cache, written = Attention(cfg, name="attn")(RMSNorm(cfg, name="pre_attn_norm")(x), positions,
-                                           layer, is_global, cache, self.attend_len)
+    h, cache, written = Attention(cfg, name="attn")(
+        RMSNorm(cfg, name="pre_attn_norm")(x), positions, layer, is_global, cache,
+        self.attend_len)
     if cfg.post_norms:
       h = RMSNorm(cfg, name="post_attn_norm")(h)
     x = x + h
