@@ -248,7 +248,9 @@ def test_unrolled_decode_plans_a_copy_of_the_layer_weights():
   hold each layer's weights sliced off the stack, the scanned one's do not."""
   from score_jax.decoding import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from score_jax.decoding import sampling  # pylint: disable=g-import-not-at-top
-  cfg = model_lib.tiny_config(vocab_size=80, num_layers=4, embed_dim=64, mlp_dim=256)
+  # A window longer than the 14-slot buffer: no ring, as in the benchmark's programs.
+  cfg = model_lib.tiny_config(vocab_size=80, num_layers=4, embed_dim=64, mlp_dim=256,
+                              sliding_window=16)
   params = _abstract_params(cfg)
   temporaries = {}
   for unroll in (True, False):

@@ -313,14 +313,17 @@ def _attend(cfg: ModelConfig, qg: Array, q_pos: Array, keys: Array, values: Arra
 
 
 def _write_shared(cache: KVCache, layer: Array, k: Array, v: Array,
-                  skip: Optional[Array] = None) -> KVCache:
+                  skip: Any = False) -> KVCache:
   """The cache with keys / values [B, S, K, H] in layer `layer`'s next S shared slots, written
-  in place; where `skip` (traced bool) the slots get back what they hold instead."""
+  in place; where `skip` (a traced bool; or a Python one, when the layer kind is known) the
+  slots get back what they hold instead."""
+  if skip is True:
+    return cache
   at = (layer, 0, 0, cache.used, 0)
 
   def put(buf, new):
     new = new.swapaxes(1, 2)[None].astype(buf.dtype)
-    if skip is not None:  # Both reads and writes clamp `at` alike: a no-op at any index.
+    if skip is not False:  # Both reads and writes clamp `at` alike: a no-op at any index.
       new = jnp.where(skip, jax.lax.dynamic_slice(buf, at, new.shape), new)
     return jax.lax.dynamic_update_slice(buf, new, at)
   return dataclasses.replace(cache, k=put(cache.k, k), v=put(cache.v, v))
@@ -355,9 +358,12 @@ def _scatter_ring(ring: Array, layers, slots: Array, new: Array) -> Array:
 
 
 def _write_ring(cache: KVCache, layer: Array, k: Array, v: Array, positions: Array,
-                skip: Array) -> KVCache:
+                skip: Any) -> KVCache:
   """The cache with one token's keys / values [B, 1, K, H] in ring layer `layer` at each row's
-  slot for `positions` [B, 1]; nothing written where `skip` (traced bool: a global layer)."""
+  slot for `positions` [B, 1]; nothing written where `skip` (a global layer: a traced bool, or
+  a Python one when the layer kind is known)."""
+  if skip is True:
+    return cache
   size = cache.ring_k.shape[3]
   slots = jnp.where(skip, size, ring_slots(positions, size))
   return dataclasses.replace(cache, ring_k=_scatter_ring(cache.ring_k, layer, slots, k),
@@ -450,7 +456,9 @@ class Attention(nn.Module):
       cache = _write_shared(cache, layer, k, v)
       out = attend(*_shared_span(cache, layer, attend_len))
     else:  # Global layers as above, local ones in the ring; the other kind's write is a no-op.
-      cache = _write_shared(cache, layer, k, v, skip=jnp.logical_not(is_global))
+      known = isinstance(is_global, bool)  # Unrolled layers: the kind is known.
+      cache = _write_shared(cache, layer, k, v,
+                            skip=(not is_global) if known else jnp.logical_not(is_global))
       if q.shape[1] > 1:  # A chunk attends the ring as it was, plus itself; `apply` writes
         # it to the ring after all layers (a write here, beside the read, copies the ring).
         # Read outside the `cond`: inside it, the TPU compiler planned Gemma 3 4B's sampler
@@ -465,7 +473,7 @@ class Attention(nn.Module):
         cache = _write_ring(cache, layer, k, v, positions, skip=is_global)
         attend_ring = lambda: attend(*_ring_span(cache, layer, attend_len))
       attend_shared = lambda: attend(*_shared_span(cache, layer, attend_len))
-      if isinstance(is_global, bool):  # Unrolled layers: the kind is known.
+      if known:
         out = attend_shared() if is_global else attend_ring()
       else:
         out = jax.lax.cond(is_global, attend_shared, attend_ring)
